@@ -362,7 +362,9 @@ class Context:
     context and runs a single reaper for it.
     """
 
-    def __init__(self, nr_events: int, *, eventfd: bool = False) -> None:
+    def __init__(self, nr_events: int, *, eventfd: bool | int = False) -> None:
+        """eventfd=True makes an eventfd owned by this context; an int uses an
+        eventfd owned by the caller (a pool shares one across its contexts)."""
         self.nr_events = nr_events
         self.id = io_setup(nr_events)
         self.destroyed = False
@@ -378,7 +380,10 @@ class Context:
         self._timeout = Timespec()
         self._timeout_addr = ctypes.addressof(self._timeout)
         self.eventfd: int | None = None
-        if eventfd:
+        self._owns_eventfd = eventfd is True
+        if eventfd is not True and eventfd is not False:
+            self.eventfd = int(eventfd)
+        elif eventfd:
             try:
                 self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             except OSError:
@@ -524,9 +529,9 @@ class Context:
         try:
             io_destroy(self.id)
         finally:
-            if self.eventfd is not None:
+            if self.eventfd is not None and self._owns_eventfd:
                 os.close(self.eventfd)
-                self.eventfd = None
+            self.eventfd = None
         lost = list(self._inflight.values())
         self._inflight.clear()
         return lost

@@ -1,0 +1,772 @@
+"""A named pool of kernel AIO contexts, with exact accounting.
+
+The pool is driven by one thread, the I/O loop: it submits, reaps, drains,
+cancels and destroys. Any other thread may call :meth:`Pool.snapshot` at any
+time (a metrics scrape); it gets copies taken under the locks.
+
+Back-pressure: the pool never queues. ``submit`` places each op in the
+context with the fewest in flight that still has room (in_flight <
+nr_events); ops that do not fit are handed straight back to the caller, which
+holds them or drops them and counts them as it sees fit. Nothing waits inside
+the pool where accounting could not see it, and the kernel never gets to
+answer EAGAIN for a full ring.
+
+Accounting: every op a context accepted is counted submitted, and leaves
+in_flight exactly once, as completed, cancelled or failed:
+- completed: res >= 0 and no cancel was asked for it;
+- failed: res < 0 (its errno counted), or refused by io_submit itself;
+- cancelled: we asked the kernel to cancel it and it agreed, or its context
+  was destroyed before its completion reached us.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import errno as _errno
+import heapq
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from aiod import aio
+from aiod.lifecycle import ContextState, LifecycleRecord, RecordSnapshot
+
+log = logging.getLogger("aiod.pool")
+
+# Prometheus histogram bounds for op latency, in seconds.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
+    25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0)
+_BUCKETS_NS = [int(b * 1e9) for b in LATENCY_BUCKETS]
+
+OP_NAMES = {
+    aio.IOCB_CMD_PREAD: "read", aio.IOCB_CMD_PWRITE: "write",
+    aio.IOCB_CMD_PREADV: "readv", aio.IOCB_CMD_PWRITEV: "writev",
+    aio.IOCB_CMD_FSYNC: "fsync", aio.IOCB_CMD_FDSYNC: "fdsync",
+    aio.IOCB_CMD_POLL: "poll", aio.IOCB_CMD_NOOP: "noop",
+}
+
+
+class PoolError(Exception):
+    """A pool could not do what it was asked; the message is for operators."""
+
+
+class PoolCapacityError(PoolError):
+    """The kernel's aio-max-nr leaves too little room for the pool."""
+
+    def __init__(self, message: str, needed_max_nr: int) -> None:
+        super().__init__(message)
+        self.needed_max_nr = needed_max_nr
+
+
+class PoolClosed(PoolError):
+    """Submit after drain started."""
+
+
+class Outcome(str, enum.Enum):
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class OpStats:
+    """Counters and latency histogram of one (job, op) pair, under the pool's stats lock."""
+
+    __slots__ = ("job", "op", "submitted", "completed", "cancelled", "failed",
+                 "buckets", "latency_sum_ns", "latency_count", "last_completion")
+
+    def __init__(self, job: str, op: str) -> None:
+        self.job = job
+        self.op = op
+        self.submitted = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.failed: dict[int, int] = {}
+        self.buckets = [0] * (len(_BUCKETS_NS) + 1)  # last one is +Inf
+        self.latency_sum_ns = 0
+        self.latency_count = 0
+        self.last_completion: float | None = None
+
+    def copy(self) -> "OpStats":
+        c = OpStats(self.job, self.op)
+        c.submitted, c.completed, c.cancelled = self.submitted, self.completed, self.cancelled
+        c.failed = dict(self.failed)
+        c.buckets = list(self.buckets)
+        c.latency_sum_ns, c.latency_count = self.latency_sum_ns, self.latency_count
+        c.last_completion = self.last_completion
+        return c
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+
+class OpTag:
+    """What the pool keeps on each op (``op.tag``) between submit and completion.
+
+    Reused when an op is resubmitted, so the load loop allocates nothing per op.
+    """
+
+    __slots__ = ("job", "stats", "slot", "submitted_ns", "cancel_requested",
+                 "outcome", "errno", "latency_ns")
+
+    def __init__(self) -> None:
+        self.job: str | None = None
+        self.stats: OpStats | None = None
+        self.slot: "_Slot | None" = None
+        self.submitted_ns = 0
+        self.cancel_requested = False
+        self.outcome: Outcome | None = None
+        self.errno = 0
+        self.latency_ns = 0
+
+
+class _Slot:
+    """A live context and its record."""
+
+    __slots__ = ("ctx", "record", "accepting", "retire_deadline", "cancel_deadline")
+
+    def __init__(self, ctx: aio.Context, record: LifecycleRecord) -> None:
+        self.ctx = ctx
+        self.record = record
+        self.accepting = True
+        self.retire_deadline: float | None = None
+        self.cancel_deadline: float | None = None
+
+
+@dataclass
+class PoolSnapshot:
+    name: str
+    state: str
+    nr_events: int
+    records: list[RecordSnapshot]
+    stats: list[OpStats]
+    setups: int
+    destroys: int
+    destroy_failures: int
+    setup_failures: dict[int, int]
+    oldest_in_flight_seconds: float
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        for r in self.records:
+            self.submitted += r.submitted
+            self.completed += r.completed
+            self.cancelled += r.cancelled
+            self.failed += r.failed
+            self.in_flight += r.in_flight
+
+    @property
+    def balanced(self) -> bool:
+        return self.submitted == self.completed + self.cancelled + self.failed + self.in_flight
+
+    def totals(self) -> dict[str, int]:
+        return {"submitted": self.submitted, "completed": self.completed,
+                "cancelled": self.cancelled, "failed": self.failed, "in_flight": self.in_flight}
+
+    def contexts_by_state(self) -> dict[str, int]:
+        out = {s.value: 0 for s in ContextState}
+        for r in self.records:
+            out[r.state.value] += 1
+        return out
+
+
+@dataclass
+class DrainReport:
+    seconds: float
+    completed: int          # ops that finished (any outcome) during the drain
+    remaining: int          # still in flight when it ended
+    deadline_hit: bool
+
+
+@dataclass
+class CancelReport:
+    seconds: float
+    requested: int          # io_cancel accepted (EINPROGRESS)
+    cancelled: int          # completions of those that arrived
+    uncancellable: int      # io_cancel said EINVAL: file/block I/O, left to complete
+    remaining: int          # still in flight afterwards
+
+
+@dataclass
+class DestroyReport:
+    seconds: float
+    destroyed: int
+    failed: list[dict[str, object]] = field(default_factory=list)  # contexts whose io_destroy timed out or failed
+    lost: int = 0           # in flight at destroy, completion never seen: counted cancelled
+
+
+class Pool:
+    """A named set of kernel AIO contexts. See the module docstring."""
+
+    def __init__(self, name: str, contexts: int, nr_events: int, *,
+                 procfs_root: str | os.PathLike[str] = "/proc",
+                 use_eventfd: bool = True,
+                 setup_retries: int = 3,
+                 setup_backoff: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 wall_clock: Callable[[], float] = time.time,
+                 on_setup_failure: Callable[[str, int], None] | None = None) -> None:
+        if contexts < 0 or nr_events < 1:
+            raise ValueError("contexts must be >= 0 and nr_events >= 1")
+        self.name = name
+        self.nr_events = nr_events
+        self._procfs_root = procfs_root
+        self._setup_retries = setup_retries
+        self._setup_backoff = setup_backoff
+        self._clock = clock
+        self._sleep = sleep
+        self._wall = wall_clock
+        self._on_setup_failure = on_setup_failure
+        self._slots: list[_Slot] = []        # every live context
+        self._active: list[_Slot] = []       # the live ones that take submissions
+        self._ended: list[LifecycleRecord] = []  # destroyed or failed
+        self._next_index = 0
+        self._retiring_count = 0
+        self._accepting = True
+        self._stats_lock = threading.Lock()
+        self._stats: dict[tuple[str, str], OpStats] = {}
+        self._counts_lock = threading.Lock()
+        self.setups = 0
+        self.destroys = 0
+        self.destroy_failures = 0
+        self.setup_failures: dict[int, int] = {}
+        self.eventfd: int | None = (
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if use_eventfd else None)
+        try:
+            self._add_contexts(contexts)
+        except BaseException:
+            self._close_eventfd()
+            raise
+
+    # ------------------------------------------------------------------ setup
+    def _check_headroom(self, count: int) -> None:
+        need = count * self.nr_events
+        nr, max_nr = aio.system_aio_usage(self._procfs_root)
+        if max_nr - nr < need:
+            raise PoolCapacityError(
+                f"pool '{self.name}' needs {need} AIO events ({count} contexts x "
+                f"{self.nr_events} nr_events) but only {max(max_nr - nr, 0)} are left "
+                f"(fs.aio-nr={nr}, fs.aio-max-nr={max_nr}); raise fs.aio-max-nr to at "
+                f"least {nr + need}", needed_max_nr=nr + need)
+
+    def _setup_one(self) -> aio.Context:
+        """io_setup with bounded retries: EAGAIN can be another process's burst."""
+        delay = self._setup_backoff
+        for attempt in range(self._setup_retries + 1):
+            try:
+                ctx = aio.Context(self.nr_events,
+                                  eventfd=self.eventfd if self.eventfd is not None else False)
+                with self._counts_lock:
+                    self.setups += 1
+                return ctx
+            except aio.AioError as e:
+                with self._counts_lock:
+                    self.setup_failures[e.errno] = self.setup_failures.get(e.errno, 0) + 1
+                if self._on_setup_failure is not None:
+                    self._on_setup_failure(self.name, e.errno)
+                if e.errno != _errno.EAGAIN or attempt == self._setup_retries:
+                    if e.errno == _errno.EAGAIN:
+                        nr, max_nr = aio.system_aio_usage(self._procfs_root)
+                        raise PoolCapacityError(
+                            f"pool '{self.name}': the kernel refused io_setup({self.nr_events}) "
+                            f"with EAGAIN after {attempt + 1} tries (fs.aio-nr={nr}, "
+                            f"fs.aio-max-nr={max_nr}); raise fs.aio-max-nr to at least "
+                            f"{nr + self.nr_events}", needed_max_nr=nr + self.nr_events) from e
+                    raise PoolError(f"pool '{self.name}': {e}") from e
+                log.warning("pool %s: io_setup(%d) failed with EAGAIN, retrying in %.2fs",
+                            self.name, self.nr_events, delay,
+                            extra={"AIOD_POOL": self.name, "ERRNO": e.errno})
+                self._sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _add_contexts(self, count: int) -> None:
+        """Create count contexts; on any failure destroy the ones made here."""
+        if count == 0:
+            return
+        self._check_headroom(count)
+        made: list[_Slot] = []
+        try:
+            for _ in range(count):
+                ctx = self._setup_one()
+                rec = LifecycleRecord(self.name, self._next_index, ctx.id, self.nr_events,
+                                      clock=self._wall)
+                self._next_index += 1
+                made.append(_Slot(ctx, rec))
+        except BaseException:
+            for s in made:
+                s.ctx.destroy()
+                s.record.change_state(ContextState.DESTROYED)
+                with self._counts_lock:
+                    self.destroys += 1
+            self._ended.extend(s.record for s in made)
+            raise
+        for s in made:
+            s.record.change_state(ContextState.ACTIVE)
+        self._slots.extend(made)
+        self._active.extend(made)
+
+    # -------------------------------------------------------------- properties
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def size(self) -> int:
+        """Contexts that accept submissions."""
+        return len(self._active)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.ctx.in_flight for s in self._slots)
+
+    @property
+    def capacity(self) -> int:
+        return len(self._active) * self.nr_events
+
+    def contexts(self) -> list[aio.Context]:
+        return [s.ctx for s in self._active]
+
+    def _stats_for(self, job: str, op: str) -> OpStats:
+        st = self._stats.get((job, op))
+        if st is None:
+            with self._stats_lock:
+                st = self._stats.setdefault((job, op), OpStats(job, op))
+        return st
+
+    def register(self, job: str, ops: Iterable[str]) -> None:
+        """Make a job's series exist (at zero) before its first op."""
+        for op in ops:
+            self._stats_for(job, op)
+
+    # ------------------------------------------------------------------ submit
+    def submit(self, ops: Sequence[aio.Op], job: str) -> list[aio.Op]:
+        """Submit ops for job. Returns the ops that did not fit (back-pressure).
+
+        Ops the kernel refused outright (a bad fd, say) are accounted as failed
+        with their errno, and are not returned: their tag says so.
+        """
+        if not self._accepting:
+            raise PoolClosed(f"pool '{self.name}' is draining; no new submissions")
+        if not ops:
+            return []
+        slots = self._active
+        if len(slots) == 1:
+            s = slots[0]
+            room = s.ctx.nr_events - s.ctx.in_flight
+            if room >= len(ops):
+                return self._submit_to(s, ops, job)
+            return self._submit_to(s, ops[:room], job) + list(ops[room:]) if room > 0 else list(ops)
+        # Least in flight first: a heap of (in_flight, index) per context with room.
+        heap = [(s.ctx.in_flight, i) for i, s in enumerate(slots)
+                if s.ctx.in_flight < s.ctx.nr_events]
+        heapq.heapify(heap)
+        batches: dict[int, list[aio.Op]] = {}
+        refused: list[aio.Op] = []
+        for k, op in enumerate(ops):
+            if not heap:
+                refused.extend(ops[k:])
+                break
+            load, i = heap[0]
+            batches.setdefault(i, []).append(op)
+            if load + 1 < slots[i].ctx.nr_events:
+                heapq.heapreplace(heap, (load + 1, i))
+            else:
+                heapq.heappop(heap)
+        for i, batch in batches.items():
+            refused.extend(self._submit_to(slots[i], batch, job))
+        return refused
+
+    def _submit_to(self, s: _Slot, ops: Sequence[aio.Op], job: str) -> list[aio.Op]:
+        now = time.perf_counter_ns()
+        stats_for = self._stats_for
+        for op in ops:
+            tag = op.tag
+            if tag is None:
+                tag = op.tag = OpTag()
+            if tag.job != job or tag.stats is None:
+                tag.job = job
+                tag.stats = stats_for(job, OP_NAMES.get(op.opcode, "other"))
+            tag.slot = s
+            tag.submitted_ns = now
+            tag.cancel_requested = False
+            tag.outcome = None
+        res = s.ctx.submit(ops)
+        n_ok = len(res.submitted)
+        n_bad = len(res.failed)
+        if n_ok:
+            s.record.add_submitted(n_ok)
+        if n_bad:
+            last = None
+            with self._stats_lock:
+                for op, err in res.failed:
+                    st = op.tag.stats
+                    st.submitted += 1
+                    st.failed[err] = st.failed.get(err, 0) + 1
+                    op.tag.outcome = Outcome.FAILED
+                    op.tag.errno = err
+                    op.res = -err
+                    last = err
+            assert last is not None
+            msg = f"io_submit: {os.strerror(last)}"
+            s.record.add_rejected(n_bad, msg)
+        if n_ok:
+            with self._stats_lock:
+                if n_ok == len(ops) and n_ok > 1 and ops[0].tag.stats is ops[-1].tag.stats:
+                    ops[0].tag.stats.submitted += n_ok
+                else:
+                    for op in res.submitted:
+                        op.tag.stats.submitted += 1
+        return res.unsubmitted
+
+    # -------------------------------------------------------------------- reap
+    def reap(self, timeout: float | None = 0.0, min_nr: int = 1) -> list[aio.Op]:
+        """Collect completions; wait up to timeout seconds (None: block) for min_nr.
+
+        Every returned op has ``op.tag.outcome`` set and has been accounted.
+        """
+        live = [s for s in self._slots if s.ctx.in_flight]
+        done: list[aio.Op] = []
+        if len(live) == 1:
+            s = live[0]
+            got = s.ctx.reap(min(min_nr, s.ctx.in_flight) if timeout != 0 else 0,
+                             timeout=timeout)
+            if got:
+                self._finish(s, got)
+                done = got
+        elif live:
+            if self.eventfd is not None:
+                try:
+                    os.eventfd_read(self.eventfd)
+                except BlockingIOError:
+                    pass
+            for s in live:
+                got = s.ctx.reap(0, timeout=0)
+                if got:
+                    self._finish(s, got)
+                    done.extend(got)
+            if not done and timeout != 0:
+                self._wait_any(live, timeout)
+                for s in live:
+                    got = s.ctx.reap(0, timeout=0)
+                    if got:
+                        self._finish(s, got)
+                        done.extend(got)
+        if self._retiring_count:
+            self._retire_ready()
+        return done
+
+    def _wait_any(self, live: list[_Slot], timeout: float | None) -> None:
+        if self.eventfd is not None:
+            import select
+            select.select([self.eventfd], [], [], timeout)
+        else:
+            # Without an eventfd, wait on the first context only; the others
+            # are polled right after. Fine for the tests; the daemon uses eventfd.
+            got = live[0].ctx.reap(1, timeout=timeout)
+            if got:
+                self._finish(live[0], got)
+
+    def _finish(self, s: _Slot, ops: list[aio.Op]) -> None:
+        """Classify a batch of completions of one context and account for it."""
+        now = time.perf_counter_ns()
+        wall = self._wall()
+        completed = cancelled = failed = 0
+        last_error = None
+        bounds = _BUCKETS_NS
+        bis = bisect.bisect_left
+        with self._stats_lock:
+            for op in ops:
+                tag = op.tag
+                st = tag.stats
+                lat = now - tag.submitted_ns
+                tag.latency_ns = lat
+                if tag.cancel_requested:
+                    tag.outcome = Outcome.CANCELLED
+                    st.cancelled += 1
+                    cancelled += 1
+                    continue
+                res = op.res
+                if res < 0:  # type: ignore[operator]
+                    err = -res  # type: ignore[operator]
+                    tag.outcome = Outcome.FAILED
+                    tag.errno = err
+                    st.failed[err] = st.failed.get(err, 0) + 1
+                    failed += 1
+                    last_error = err
+                else:
+                    tag.outcome = Outcome.COMPLETED
+                    st.completed += 1
+                    completed += 1
+                st.buckets[bis(bounds, lat)] += 1
+                st.latency_sum_ns += lat
+                st.latency_count += 1
+                st.last_completion = wall
+        s.record.add_outcomes(completed, cancelled, failed,
+                              None if last_error is None else os.strerror(last_error))
+
+    # -------------------------------------------------------------- shutdown
+    def drain(self, timeout: float, on_progress: Callable[[int], None] | None = None) -> DrainReport:
+        """Step 1: stop accepting, wait up to timeout for in-flight I/O."""
+        t0 = self._clock()
+        self._stop_accepting()
+        finished = 0
+        deadline = t0 + timeout
+        while self.in_flight:
+            left = deadline - self._clock()
+            if left <= 0:
+                break
+            got = self.reap(timeout=min(left, 0.1))
+            finished += len(got)
+            if on_progress is not None:
+                on_progress(len(got))
+        return DrainReport(seconds=self._clock() - t0, completed=finished,
+                           remaining=self.in_flight, deadline_hit=bool(self.in_flight))
+
+    def _stop_accepting(self) -> None:
+        self._accepting = False
+        for s in self._slots:
+            s.accepting = False
+            s.retire_deadline = None  # shutdown owns every context from here on
+            if s.record.state is ContextState.ACTIVE:
+                s.record.change_state(ContextState.DRAINING)
+        self._active = []
+        self._retiring_count = 0
+
+    def cancel(self, timeout: float = 1.0) -> CancelReport:
+        """Step 2: io_cancel what is still in flight; wait briefly for those completions.
+
+        File and block I/O cannot be cancelled by Linux: those are counted
+        uncancellable, logged, and left to complete or to be abandoned at destroy.
+        """
+        t0 = self._clock()
+        self._stop_accepting()
+        requested = uncancellable = 0
+        for s in self._slots:
+            if s.record.state is ContextState.DRAINING:
+                s.record.change_state(ContextState.CANCELLING)
+            for op in s.ctx.inflight_ops():
+                op.tag.cancel_requested = True
+                try:
+                    ok = s.ctx.cancel(op)
+                except aio.AioError as e:
+                    ok = False
+                    log.warning("pool %s: io_cancel failed: %s", self.name, e,
+                                extra={"AIOD_POOL": self.name, "ERRNO": e.errno})
+                if ok:
+                    requested += 1
+                else:
+                    op.tag.cancel_requested = False
+                    uncancellable += 1
+        if uncancellable:
+            log.warning("pool %s: %d in-flight operations cannot be cancelled by the "
+                        "kernel (file or block I/O); waiting for them until destroy",
+                        self.name, uncancellable, extra={"AIOD_POOL": self.name})
+        cancelled = 0
+        deadline = t0 + timeout
+        while cancelled < requested:
+            left = deadline - self._clock()
+            if left <= 0:
+                break
+            got = self.reap(timeout=min(left, 0.05))
+            cancelled += sum(1 for op in got if op.tag.outcome is Outcome.CANCELLED)
+        return CancelReport(seconds=self._clock() - t0, requested=requested,
+                            cancelled=cancelled, uncancellable=uncancellable,
+                            remaining=self.in_flight)
+
+    def cancel_ops(self, ops: Iterable[aio.Op]) -> int:
+        """Ask the kernel to cancel these in-flight ops; returns how many it accepted.
+
+        Accepted ones complete through reap as cancelled; the others (file and
+        block I/O) will complete normally.
+        """
+        started = 0
+        for op in ops:
+            tag = op.tag
+            if tag is None or tag.slot is None or tag.outcome is not None:
+                continue
+            tag.cancel_requested = True
+            try:
+                ok = tag.slot.ctx.cancel(op)
+            except aio.AioError:
+                ok = False
+            if ok:
+                started += 1
+            else:
+                tag.cancel_requested = False
+        return started
+
+    def destroy(self, timeout: float) -> DestroyReport:
+        """Step 3: io_destroy every context, all within timeout seconds.
+
+        io_destroy blocks until uncancellable I/O finishes, so each runs on its
+        own thread; a context whose io_destroy has not returned by the deadline
+        is reported failed and left behind rather than hanging aiod.
+        """
+        t0 = self._clock()
+        self._stop_accepting()
+        slots, self._slots = self._slots, []
+        report = DestroyReport(seconds=0.0, destroyed=0)
+        threads: list[tuple[_Slot, threading.Thread, list[BaseException]]] = []
+        for s in slots:
+            # In flight now and never seen complete: counted cancelled, whatever
+            # io_destroy does with it.
+            errs: list[BaseException] = []
+            th = threading.Thread(target=_destroy_into, args=(s.ctx, errs),
+                                  name=f"io_destroy-{self.name}-{s.record.index}", daemon=True)
+            threads.append((s, th, errs))
+        pending_lost = {id(s): s.ctx.inflight_ops() for s in slots}
+        for _, th, _ in threads:
+            th.start()
+        deadline = t0 + timeout
+        for s, th, errs in threads:
+            th.join(max(0.0, deadline - self._clock()))
+            lost = pending_lost[id(s)]
+            report.lost += len(lost)
+            self._account_lost(s, lost)
+            rec = s.record
+            if th.is_alive() or errs:
+                why = (f"io_destroy did not return within {timeout:g}s (I/O stuck in the device?)"
+                       if th.is_alive() else f"io_destroy failed: {errs[0]}")
+                if rec.state not in (ContextState.DESTROYED, ContextState.FAILED):
+                    rec.change_state(ContextState.FAILED, error=why)
+                with self._counts_lock:
+                    self.destroy_failures += 1
+                report.failed.append({"pool": self.name, "index": rec.index,
+                                      "kernel_id": rec.kernel_id, "error": why})
+                log.error("pool %s: context %d: %s", self.name, rec.index, why,
+                          extra={"AIOD_POOL": self.name, "AIOD_CONTEXT": rec.index})
+            else:
+                rec.change_state(ContextState.DESTROYED)
+                with self._counts_lock:
+                    self.destroys += 1
+                report.destroyed += 1
+            self._ended.append(rec)
+        self._close_eventfd()
+        report.seconds = self._clock() - t0
+        return report
+
+    def _account_lost(self, s: _Slot, lost: list[aio.Op]) -> None:
+        if not lost:
+            return
+        with self._stats_lock:
+            for op in lost:
+                op.tag.outcome = Outcome.CANCELLED
+                op.tag.stats.cancelled += 1
+        s.record.add_outcomes(0, len(lost), 0)
+
+    def close(self, drain_timeout: float = 0.0, destroy_timeout: float = 30.0) -> None:
+        """Drain, cancel and destroy: for tests and one-shot tools."""
+        self.drain(drain_timeout)
+        self.cancel()
+        self.destroy(destroy_timeout)
+
+    def _close_eventfd(self) -> None:
+        if self.eventfd is not None:
+            os.close(self.eventfd)
+            self.eventfd = None
+
+    # ------------------------------------------------------------------ resize
+    def resize(self, contexts: int, retire_timeout: float = 10.0) -> None:
+        """Grow now, or shrink by retiring the surplus contexts.
+
+        A retiring context takes no new submissions; it is destroyed once its
+        in-flight ops are done (checked on every reap), or, past retire_timeout,
+        its ops are cancelled and it is destroyed. No op is lost either way.
+        """
+        if not self._accepting:
+            raise PoolClosed(f"pool '{self.name}' is draining; cannot resize")
+        if contexts < 0:
+            raise ValueError("contexts must be >= 0")
+        have = len(self._active)
+        if contexts > have:
+            self._add_contexts(contexts - have)
+        elif contexts < have:
+            surplus = self._active[contexts:]
+            self._active = self._active[:contexts]
+            deadline = self._clock() + retire_timeout
+            for s in surplus:
+                s.record.change_state(ContextState.DRAINING)
+                s.accepting = False
+                s.retire_deadline = deadline
+            self._retiring_count += len(surplus)
+            self._retire_ready()
+
+    def _retire_ready(self) -> None:
+        now = self._clock()
+        keep: list[_Slot] = []
+        for s in self._slots:
+            if s.retire_deadline is None:  # active, or draining for shutdown
+                keep.append(s)
+                continue
+            if s.ctx.in_flight and s.cancel_deadline is None and now >= s.retire_deadline:
+                s.record.change_state(ContextState.CANCELLING)
+                for op in s.ctx.inflight_ops():
+                    op.tag.cancel_requested = True
+                    if not s.ctx.cancel(op):
+                        op.tag.cancel_requested = False
+                s.cancel_deadline = now + 1.0
+            if s.ctx.in_flight and (s.cancel_deadline is None or now < s.cancel_deadline):
+                keep.append(s)
+                continue
+            self._account_lost(s, s.ctx.inflight_ops())
+            try:
+                s.ctx.destroy()
+                s.record.change_state(ContextState.DESTROYED)
+                with self._counts_lock:
+                    self.destroys += 1
+            except aio.AioError as e:
+                s.record.change_state(ContextState.FAILED, error=str(e))
+                with self._counts_lock:
+                    self.destroy_failures += 1
+            self._ended.append(s.record)
+            self._retiring_count -= 1
+        self._slots = keep
+
+    @property
+    def retiring(self) -> int:
+        return self._retiring_count
+
+    # ---------------------------------------------------------------- snapshot
+    def snapshot(self) -> PoolSnapshot:
+        """A consistent copy for another thread (metrics, reports)."""
+        live = list(self._slots)
+        records = [s.record.snapshot() for s in live] + [r.snapshot() for r in list(self._ended)]
+        records.sort(key=lambda r: r.index)
+        with self._stats_lock:
+            stats = [st.copy() for st in self._stats.values()]
+        oldest = 0.0
+        now = time.perf_counter_ns()
+        for s in live:
+            # list() of a dict's values runs without releasing the GIL, so it is
+            # a consistent copy even while the I/O loop submits and reaps.
+            for op in list(s.ctx._inflight.values()):
+                tag = op.tag
+                if tag is not None and tag.submitted_ns:
+                    oldest = max(oldest, (now - tag.submitted_ns) / 1e9)
+        with self._counts_lock:
+            return PoolSnapshot(
+                name=self.name,
+                state="open" if self._accepting else "closed",
+                nr_events=self.nr_events, records=records, stats=stats,
+                setups=self.setups, destroys=self.destroys,
+                destroy_failures=self.destroy_failures,
+                setup_failures=dict(self.setup_failures),
+                oldest_in_flight_seconds=oldest)
+
+
+def _destroy_into(ctx: aio.Context, errs: list[BaseException]) -> None:
+    try:
+        ctx.destroy()
+    except BaseException as e:  # reported by the caller, never raised in a thread
+        errs.append(e)

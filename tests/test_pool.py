@@ -1,0 +1,271 @@
+"""Pools of real kernel AIO contexts: accounting, shutdown steps, resize."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aiod import aio
+from aiod.lifecycle import ContextState, IllegalTransition, LifecycleRecord
+from aiod.pool import Outcome, Pool, PoolCapacityError, PoolClosed
+from tests.conftest import aio_nr
+
+
+def fake_procfs(root: Path, nr: int, max_nr: int) -> Path:
+    fs = root / "sys" / "fs"
+    fs.mkdir(parents=True, exist_ok=True)
+    (fs / "aio-nr").write_text(f"{nr}\n")
+    (fs / "aio-max-nr").write_text(f"{max_nr}\n")
+    return root
+
+
+def reap_until(pool: Pool, n: int, timeout: float = 5.0) -> list[aio.Op]:
+    done: list[aio.Op] = []
+    deadline = time.monotonic() + timeout
+    while len(done) < n and time.monotonic() < deadline:
+        done += pool.reap(timeout=0.05)
+    return done
+
+
+def test_a_thousand_create_destroy_cycles_leave_aio_nr_unchanged() -> None:
+    before = aio_nr()
+    for _ in range(1000):
+        p = Pool("cycle", 2, 8)
+        p.close()
+    assert aio_nr() == before
+
+
+def test_pool_above_headroom_fails_with_a_clear_message_and_leaks_nothing() -> None:
+    before, max_nr = aio.system_aio_usage()
+    with pytest.raises(PoolCapacityError) as ei:
+        Pool("huge", 4, max_nr)
+    msg = str(ei.value)
+    assert "pool 'huge'" in msg and f"{4 * max_nr}" in msg and "fs.aio-max-nr" in msg
+    assert ei.value.needed_max_nr >= before + 4 * max_nr
+    assert aio_nr() == before
+
+
+def test_creation_failing_halfway_destroys_what_it_created(tmp_path: Path) -> None:
+    before, max_nr = aio.system_aio_usage()
+    # The procfs fixture claims plenty of headroom; the real kernel runs out at
+    # the third context, so the pool fails after creating two.
+    per = (max_nr - before) // 2 - 1
+    procfs = fake_procfs(tmp_path, 0, 10 * max_nr)
+    seen: list[int] = []
+    with pytest.raises(PoolCapacityError) as ei:
+        Pool("half", 3, per, procfs_root=procfs, sleep=lambda s: None,
+             on_setup_failure=lambda pool, err: seen.append(err))
+    assert "EAGAIN" in str(ei.value)
+    assert seen == [errno.EAGAIN] * 4  # the first try and three retries
+    assert aio_nr() == before
+
+
+def test_drain_with_polls_that_never_complete_hits_deadline_then_cancel_counts_exactly(
+        pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    before = aio_nr()
+    p = Pool("poll", 2, 32)
+    ops = [aio.poll(r) for _ in range(50)]
+    assert p.submit(ops, job="hang") == []
+    d = p.drain(0.2)
+    assert d.deadline_hit and d.remaining == 50 and d.seconds >= 0.2
+    with pytest.raises(PoolClosed):
+        p.submit([aio.poll(r)], job="late")
+    c = p.cancel(timeout=2.0)
+    assert (c.requested, c.cancelled, c.uncancellable, c.remaining) == (50, 50, 0, 0)
+    dr = p.destroy(5.0)
+    assert dr.destroyed == 2 and dr.failed == [] and dr.lost == 0
+    snap = p.snapshot()
+    assert snap.totals() == {"submitted": 50, "completed": 0, "cancelled": 50,
+                             "failed": 0, "in_flight": 0}
+    assert all(op.tag.outcome is Outcome.CANCELLED for op in ops)
+    assert snap.contexts_by_state()["destroyed"] == 2
+    assert aio_nr() == before
+
+
+def test_drain_with_odirect_reads_that_finish_counts_them_completed(
+        direct_file: tuple[int, Path]) -> None:
+    fd, _ = direct_file
+    p = Pool("reads", 2, 64)
+    ops = [aio.read(fd, 4096, (i % 256) * 4096) for i in range(100)]
+    assert p.submit(ops, job="r") == []
+    d = p.drain(5.0)
+    assert not d.deadline_hit and d.remaining == 0
+    c = p.cancel()
+    assert c.requested == 0
+    p.destroy(5.0)
+    snap = p.snapshot()
+    assert snap.totals() == {"submitted": 100, "completed": 100, "cancelled": 0,
+                             "failed": 0, "in_flight": 0}
+    (st,) = snap.stats
+    assert (st.job, st.op, st.completed, st.latency_count) == ("r", "read", 100, 100)
+    assert sum(st.buckets) == 100
+
+
+def test_destroy_counts_polls_still_in_flight_as_cancelled(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    p = Pool("lost", 1, 16)
+    ops = [aio.poll(r) for _ in range(5)]
+    p.submit(ops, job="j")
+    p.drain(0)
+    dr = p.destroy(5.0)  # no cancel step: io_destroy takes them with it
+    assert dr.lost == 5
+    snap = p.snapshot()
+    assert snap.cancelled == 5 and snap.in_flight == 0 and snap.balanced
+
+
+def test_failures_are_classified_with_their_errno(direct_file: tuple[int, Path]) -> None:
+    fd, _ = direct_file
+    p = Pool("errs", 1, 16)
+    base = aio.aligned_buffer(8192)
+    bad_buf = aio.read(fd, base.slice(1, 4096), 0)
+    bad_fd = aio.read(9999, 4096, 0)
+    good = aio.read(fd, 4096, 0)
+    assert p.submit([good, bad_fd, bad_buf], job="e") == []
+    assert bad_fd.tag.outcome is Outcome.FAILED and bad_fd.tag.errno == errno.EBADF
+    reap_until(p, 2)
+    assert good.tag.outcome is Outcome.COMPLETED
+    assert bad_buf.tag.outcome is Outcome.FAILED and bad_buf.tag.errno == errno.EINVAL
+    p.close()
+    snap = p.snapshot()
+    (st,) = snap.stats
+    assert st.failed == {errno.EBADF: 1, errno.EINVAL: 1} and st.completed == 1
+    assert snap.totals() == {"submitted": 3, "completed": 1, "cancelled": 0,
+                             "failed": 2, "in_flight": 0}
+
+
+def test_full_pool_hands_ops_back_instead_of_eagain(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    p = Pool("full", 2, 4)
+    ops = [aio.poll(r) for _ in range(11)]
+    refused = p.submit(ops, job="j")
+    assert len(refused) == 3 and refused == ops[8:]
+    assert [c.in_flight for c in p.contexts()] == [4, 4]
+    os.write(w, b"x")
+    assert len(reap_until(p, 8)) == 8
+    p.close()
+    assert p.snapshot().totals()["submitted"] == 8
+
+
+def test_submission_goes_to_the_context_with_least_in_flight(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    p = Pool("spread", 3, 16)
+    p.submit([aio.poll(r) for _ in range(5)], job="a")
+    assert sorted(c.in_flight for c in p.contexts()) == [1, 2, 2]
+    p.submit([aio.poll(r) for _ in range(4)], job="a")
+    assert [c.in_flight for c in p.contexts()] == [3, 3, 3]
+    p.close()
+
+
+def test_resize_up_and_down_loses_no_operation(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    before = aio_nr()
+    p = Pool("rs", 2, 8)
+    first = [aio.poll(r) for _ in range(16)]
+    assert p.submit(first, job="j") == []
+    p.resize(4)
+    assert p.size == 4 and aio_nr() == before + 32
+    second = [aio.poll(r) for _ in range(16)]
+    assert p.submit(second, job="j") == []
+    p.resize(1)
+    assert p.size == 1 and p.retiring == 3
+    os.write(w, b"x")  # every poll completes; retiring contexts empty out
+    done = reap_until(p, 32)
+    assert len(done) == 32 and all(op.tag.outcome is Outcome.COMPLETED for op in done)
+    p.reap(0)
+    assert p.retiring == 0
+    snap = p.snapshot()
+    assert snap.contexts_by_state() == {**{s.value: 0 for s in ContextState},
+                                        "active": 1, "destroyed": 3}
+    assert snap.completed == 32 and snap.balanced
+    p.close()
+    assert aio_nr() == before
+
+
+def test_shrinking_past_the_retire_timeout_cancels_and_counts(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    p = Pool("rs2", 2, 8)
+    p.submit([aio.poll(r) for _ in range(4)], job="j")
+    p.resize(1, retire_timeout=0.0)
+    deadline = time.monotonic() + 3
+    while p.retiring and time.monotonic() < deadline:
+        p.reap(0.05)
+    assert p.retiring == 0
+    snap = p.snapshot()
+    assert snap.cancelled == 2 and snap.in_flight == 2 and snap.balanced
+    p.close()
+    assert p.snapshot().in_flight == 0
+
+
+def test_snapshots_from_other_threads_never_break_the_invariant(
+        direct_file: tuple[int, Path], pipe: tuple[int, int]) -> None:
+    fd, _ = direct_file
+    r, w = pipe
+    p = Pool("busy", 4, 64)
+    stop = threading.Event()
+    bad: list[str] = []
+    seen = [0]
+
+    def scraper() -> None:
+        while not stop.is_set():
+            snap = p.snapshot()
+            seen[0] += 1
+            if not snap.balanced:
+                bad.append(str(snap.totals()))
+            for rec in snap.records:
+                if rec.submitted != rec.completed + rec.cancelled + rec.failed + rec.in_flight:
+                    bad.append(f"record {rec.index}: {rec}")
+            for st in snap.stats:
+                if st.submitted < st.completed + st.cancelled + st.failed_total:
+                    bad.append(f"stats {st.job}/{st.op}")
+
+    threads = [threading.Thread(target=scraper) for _ in range(2)]
+    for t in threads:
+        t.start()
+    ops = [aio.read(fd, 4096, (i % 256) * 4096) for i in range(128)]
+    polls = [aio.poll(r) for _ in range(32)]
+    p.submit(polls, job="poll")
+    end = time.monotonic() + 1.5
+    pending = list(ops)
+    total = 0
+    while time.monotonic() < end:
+        pending = p.submit(pending, job="load")
+        done = p.reap(timeout=0.01)
+        total += len(done)
+        pending += [op for op in done if op.tag.job == "load"]
+    stop.set()
+    for t in threads:
+        t.join()
+    p.close()
+    assert total > 1000 and seen[0] > 10
+    assert bad == []
+    snap = p.snapshot()
+    assert snap.in_flight == 0 and snap.balanced and snap.cancelled == 32
+
+
+def test_illegal_transitions_raise() -> None:
+    rec = LifecycleRecord("p", 0, 1, 1)
+    with pytest.raises(IllegalTransition):
+        rec.change_state(ContextState.CANCELLING)
+    rec.change_state(ContextState.ACTIVE)
+    with pytest.raises(IllegalTransition):
+        rec.change_state(ContextState.DESTROYED)  # must drain first
+    rec.change_state(ContextState.DRAINING)
+    rec.change_state(ContextState.DESTROYED)
+    assert rec.destroyed_at is not None
+    for s in ContextState:
+        with pytest.raises(IllegalTransition):
+            rec.change_state(s)
+    assert rec.snapshot().transitions == 3
+
+
+def test_snapshot_is_a_copy() -> None:
+    rec = LifecycleRecord("p", 0, 1, 1)
+    snap = rec.snapshot()
+    rec.add_submitted(3)
+    assert snap.submitted == 0 and rec.snapshot().in_flight == 3
