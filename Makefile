@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml deploy/debian-deps.sh
 install: $(STAMP)
 
 run: install
-	$(BIN)/aiod smoke $(ARGS)
+	$(BIN)/aiod run $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)

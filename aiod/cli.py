@@ -1,4 +1,4 @@
-"""The `aiod` command line."""
+"""The `aiod` command line: run, check-config, bench, smoke."""
 
 from __future__ import annotations
 
@@ -7,13 +7,31 @@ import os
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 from aiod import __version__, aio
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_USAGE = 2
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the kernel refused the AIO resources asked for
 EXIT_CONFIG = 78    # EX_CONFIG: the configuration is invalid
+
+EPILOG = """\
+exit codes:
+  0   clean exit (after SIGTERM/SIGINT: drained, cancelled, destroyed, reported)
+  1   any other failure (e.g. the metrics address is in use)
+  2   bad command-line usage
+  75  the kernel refused the AIO resources the configuration asks for;
+      the message says how large fs.aio-max-nr must be
+  78  invalid configuration; one line per problem on stderr
+
+signals (aiod run):
+  SIGTERM, SIGINT  drain in-flight I/O (shutdown.drain_timeout), cancel the rest,
+                   io_destroy every context, write shutdown-report.json, exit 0;
+                   a second one during the drain skips straight to cancel
+  SIGHUP           reload the configuration; a bad one keeps the running one
+"""
 
 
 def smoke() -> int:
@@ -40,29 +58,77 @@ def smoke() -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
+def check_config(path: str) -> int:
+    from aiod.config import ConfigError, load
+    try:
+        cfg = load(path)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: ok ({len(cfg.pools)} pools, {len(cfg.jobs)} jobs)")
+    return EXIT_OK
+
+
+def run(config_path: str | None) -> int:
+    from aiod import logs
+    from aiod.config import ConfigError, load
+    from aiod.daemon import Daemon
+    try:
+        cfg = load(config_path)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(cfg.log_level)
+    return Daemon(cfg, config_path=config_path).run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aiod",
-        description="Own pools of Linux kernel AIO contexts and measure I/O through them.",
+        description="Own pools of Linux kernel AIO contexts and measure the host's I/O "
+                    "through them.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit codes: 0 clean, 1 failure, 75 the kernel refused the AIO "
-               "resources asked for (raise fs.aio-max-nr), 78 configuration error",
+        epilog=EPILOG,
     )
     p.add_argument("--version", action="version", version=f"aiod {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser("run", help="run the daemon in the foreground",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    r.add_argument("--config", metavar="PATH",
+                   help="configuration file (default: /etc/aiod/aiod.yaml when it exists, "
+                        "else the embedded default)")
+    c = sub.add_parser("check-config", help="validate a configuration file (exit 0 or 78)")
+    c.add_argument("path")
     sub.add_parser("smoke", help="one O_DIRECT write and read through a kernel context")
+    try:
+        from aiod import bench
+    except ImportError:  # pragma: no cover - bench ships with aiod
+        bench = None  # type: ignore[assignment]
+    if bench is not None:
+        bench.add_parser(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "run":
+            return run(args.config)
+        if args.command == "check-config":
+            return check_config(args.path)
         if args.command == "smoke":
             return smoke()
+        if args.command == "bench":
+            from aiod import bench
+            return bench.run(args)
     except aio.AioError as e:
         print(f"aiod: {e}", file=sys.stderr)
         return EXIT_TEMPFAIL if e.errno == 11 else EXIT_FAILURE
-    return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

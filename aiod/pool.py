@@ -349,6 +349,12 @@ class Pool:
         for op in ops:
             self._stats_for(job, op)
 
+    def forget(self, job: str) -> None:
+        """Drop a removed job's series once none of its ops is in flight."""
+        with self._stats_lock:
+            for key in [k for k in self._stats if k[0] == job]:
+                del self._stats[key]
+
     # ------------------------------------------------------------------ submit
     def submit(self, ops: Sequence[aio.Op], job: str) -> list[aio.Op]:
         """Submit ops for job. Returns the ops that did not fit (back-pressure).

@@ -38,3 +38,13 @@ def pipe() -> Iterator[tuple[int, int]]:
 
 def aio_nr() -> int:
     return aio.system_aio_usage()[0]
+
+
+def live_contexts(pid: str = "self") -> int:
+    """Kernel AIO contexts alive in a process: each maps its ring as /[aio].
+
+    Unlike fs.aio-nr this is per process, so other processes on the machine
+    cannot disturb a leak check.
+    """
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if "/[aio]" in line)

@@ -13,7 +13,7 @@ import pytest
 from aiod import aio
 from aiod.lifecycle import ContextState, IllegalTransition, LifecycleRecord
 from aiod.pool import Outcome, Pool, PoolCapacityError, PoolClosed
-from tests.conftest import aio_nr
+from tests.conftest import aio_nr, live_contexts
 
 
 def fake_procfs(root: Path, nr: int, max_nr: int) -> Path:
@@ -37,7 +37,8 @@ def test_a_thousand_create_destroy_cycles_leave_aio_nr_unchanged() -> None:
     for _ in range(1000):
         p = Pool("cycle", 2, 8)
         p.close()
-    assert aio_nr() == before
+    assert live_contexts() == 0
+    assert aio_nr() == before  # system-wide: nothing else may run AIO meanwhile
 
 
 def test_pool_above_headroom_fails_with_a_clear_message_and_leaks_nothing() -> None:
@@ -47,7 +48,7 @@ def test_pool_above_headroom_fails_with_a_clear_message_and_leaks_nothing() -> N
     msg = str(ei.value)
     assert "pool 'huge'" in msg and f"{4 * max_nr}" in msg and "fs.aio-max-nr" in msg
     assert ei.value.needed_max_nr >= before + 4 * max_nr
-    assert aio_nr() == before
+    assert live_contexts() == 0
 
 
 def test_creation_failing_halfway_destroys_what_it_created(tmp_path: Path) -> None:
@@ -62,13 +63,13 @@ def test_creation_failing_halfway_destroys_what_it_created(tmp_path: Path) -> No
              on_setup_failure=lambda pool, err: seen.append(err))
     assert "EAGAIN" in str(ei.value)
     assert seen == [errno.EAGAIN] * 4  # the first try and three retries
-    assert aio_nr() == before
+    assert live_contexts() == 0
 
 
 def test_drain_with_polls_that_never_complete_hits_deadline_then_cancel_counts_exactly(
         pipe: tuple[int, int]) -> None:
     r, _ = pipe
-    before = aio_nr()
+    before = live_contexts()
     p = Pool("poll", 2, 32)
     ops = [aio.poll(r) for _ in range(50)]
     assert p.submit(ops, job="hang") == []
@@ -85,7 +86,7 @@ def test_drain_with_polls_that_never_complete_hits_deadline_then_cancel_counts_e
                              "failed": 0, "in_flight": 0}
     assert all(op.tag.outcome is Outcome.CANCELLED for op in ops)
     assert snap.contexts_by_state()["destroyed"] == 2
-    assert aio_nr() == before
+    assert live_contexts() == before
 
 
 def test_drain_with_odirect_reads_that_finish_counts_them_completed(
@@ -164,12 +165,12 @@ def test_submission_goes_to_the_context_with_least_in_flight(pipe: tuple[int, in
 
 def test_resize_up_and_down_loses_no_operation(pipe: tuple[int, int]) -> None:
     r, w = pipe
-    before = aio_nr()
+    before = live_contexts()
     p = Pool("rs", 2, 8)
     first = [aio.poll(r) for _ in range(16)]
     assert p.submit(first, job="j") == []
     p.resize(4)
-    assert p.size == 4 and aio_nr() == before + 32
+    assert p.size == 4 and live_contexts() == before + 4
     second = [aio.poll(r) for _ in range(16)]
     assert p.submit(second, job="j") == []
     p.resize(1)
@@ -184,7 +185,7 @@ def test_resize_up_and_down_loses_no_operation(pipe: tuple[int, int]) -> None:
                                         "active": 1, "destroyed": 3}
     assert snap.completed == 32 and snap.balanced
     p.close()
-    assert aio_nr() == before
+    assert live_contexts() == before
 
 
 def test_shrinking_past_the_retire_timeout_cancels_and_counts(pipe: tuple[int, int]) -> None:

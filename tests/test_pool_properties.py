@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aiod import aio
 from aiod.pool import Outcome, Pool
+from tests.conftest import live_contexts
 
 ACTIONS = st.lists(
     st.one_of(
@@ -32,7 +33,7 @@ def test_random_mixes_keep_the_invariant(direct_file: tuple[int, Path],
                                          drain_timeout: float) -> None:
     fd, _ = direct_file
     r, w = os.pipe()
-    before = aio.system_aio_usage()[0]
+    before = live_contexts()
     pool = Pool("prop", 2, 16)
     all_ops: list[aio.Op] = []
     polls: list[aio.Op] = []
@@ -80,4 +81,4 @@ def test_random_mixes_keep_the_invariant(direct_file: tuple[int, Path],
     assert snap.failed == outcomes.count(Outcome.FAILED)
     by_stats = sum(s.completed + s.cancelled + s.failed_total for s in snap.stats)
     assert by_stats == snap.submitted
-    assert aio.system_aio_usage()[0] == before
+    assert live_contexts() == before

@@ -1,0 +1,616 @@
+"""`aiod run`: the daemon's lifecycle in three phases.
+
+    startup()    pools up, metrics bound, jobs started, READY=1
+    main_loop()  submit what is due, wait for completions or a signal, reap
+    shutdown()   drain -> cancel -> destroy -> report, exit 0
+
+Signal handlers only record the signal (and wake the loop through the wakeup
+fd); the main loop acts on them: TERM/INT shut down, a second TERM/INT during
+the drain skips to cancel, HUP reloads (and is ignored during shutdown).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from aiod import __version__, aio, config as config_mod, logs
+from aiod.config import Config, ConfigError, JobConfig
+from aiod.jobs import Job, JobState
+from aiod.metrics import JobView, MetricsServer, make_registry
+from aiod.notify import Notifier
+from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
+from aiod.targets import OwnedFiles, write_atomic
+
+log = logging.getLogger("aiod.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_TEMPFAIL = 75
+EXIT_CONFIG = 78
+
+REPORT_FILE = "shutdown-report.json"
+STATUS_INTERVAL = 5.0
+MAX_WAIT = 0.5          # the loop wakes at least this often (watchdog, status, timers)
+HEALTH_STALL = 10.0     # /healthz fails when the loop has not turned for this long
+CANCEL_WAIT = 1.0       # how long to wait for cancelled ops' completions
+
+
+class Phase(str, enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    CANCELLING = "cancelling"
+    DESTROYING = "destroying"
+    STOPPED = "stopped"
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class _RetiringPool:
+    pool: Pool
+    since: float
+
+
+@dataclass
+class ShutdownResult:
+    exit_code: int
+    report: dict[str, object] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, config_path: str | None = None,
+                 notifier: Notifier | None = None,
+                 procfs_root: str | os.PathLike[str] = "/proc",
+                 env: Mapping[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.env = os.environ if env is None else env
+        self.notifier = notifier or Notifier(env=self.env)
+        self.procfs_root = procfs_root
+        self.clock = clock
+        self.wall = wall
+        self.phase = Phase.STARTING
+        self.pools: dict[str, Pool] = {}
+        self.jobs: dict[str, Job] = {}
+        self._stopping_jobs: list[Job] = []
+        self._retiring_pools: list[_RetiringPool] = []
+        self._ended_pools: list[PoolSnapshot] = []
+        self._owner: dict[int, Job] = {}
+        self._signals: deque[int] = deque()
+        self._wakeup_r: socket.socket | None = None
+        self._wakeup_w: socket.socket | None = None
+        self._old_handlers: dict[int, object] = {}
+        self.metrics: MetricsServer | None = None
+        self._registry = make_registry(self)
+        self._heartbeat = clock()
+        self._reload_ok = True
+        self._reload_ts = 0.0
+        self._next_status = 0.0
+        self._next_watchdog = 0.0
+        self._state_lock = threading.Lock()  # guards the pool/job maps for scrapes
+        self.aio_nr_before = 0
+        self.started_at = wall()
+
+    # ================================================================ startup
+    def startup(self) -> None:
+        """Pools up, metrics bound, jobs started, then READY=1. Raises StartupError."""
+        self._install_signal_handlers()
+        self.aio_nr_before = aio.system_aio_usage(self.procfs_root)[0]
+        self._prepare_state_directory(self.cfg.state_directory)
+        try:
+            for pc in self.cfg.pools:
+                self.pools[pc.name] = self._make_pool(pc.name, pc.contexts, pc.nr_events)
+        except PoolCapacityError as e:
+            self._destroy_pools_now()
+            raise StartupError(str(e), EXIT_TEMPFAIL) from e
+        except PoolError as e:
+            self._destroy_pools_now()
+            raise StartupError(str(e), EXIT_FAILURE) from e
+        try:
+            self.metrics = self._bind_metrics(self.cfg)
+        except OSError as e:
+            self._destroy_pools_now()
+            raise StartupError(f"cannot listen for metrics on {self.cfg.metrics.host}:"
+                               f"{self.cfg.metrics.port}: {e.strerror}", EXIT_FAILURE) from e
+        self.metrics.start()
+        owned = self._owned(self.cfg.state_directory)
+        for jc in self.cfg.jobs:
+            self._start_job(jc, owned)
+        self._reload_ts = self.wall()
+        self.phase = Phase.SERVING
+        log.info("aiod %s serving: %s; metrics on %s", __version__, self._summary(),
+                 self.metrics.url)
+        self.notifier.ready(self._status_line())
+        now = self.clock()
+        self._next_status = now + STATUS_INTERVAL
+        self._next_watchdog = now
+
+    def _make_pool(self, name: str, contexts: int, nr_events: int) -> Pool:
+        def on_setup_failure(pool: str, err: int) -> None:
+            log.warning("pool %s: io_setup(%d) failed: %s", pool, nr_events, os.strerror(err),
+                        extra={"AIOD_POOL": pool, "ERRNO": err})
+        pool = Pool(name, contexts, nr_events, procfs_root=self.procfs_root,
+                    on_setup_failure=on_setup_failure)
+        log.info("pool %s: %d contexts x %d nr_events", name, contexts, nr_events,
+                 extra={"AIOD_POOL": name})
+        return pool
+
+    def _bind_metrics(self, cfg: Config) -> MetricsServer:
+        return MetricsServer(cfg.metrics.host, cfg.metrics.port, self._registry,
+                             healthy=self.healthy, ready=self.ready)
+
+    def _prepare_state_directory(self, path: Path) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as e:
+            log.error("cannot create the state directory %s: %s; jobs with relative targets "
+                      "and the shutdown report will fail", path, e.strerror)
+
+    def _owned(self, state_dir: Path) -> OwnedFiles | None:
+        return OwnedFiles(state_dir) if state_dir.is_dir() else None
+
+    def _start_job(self, jc: JobConfig, owned: OwnedFiles | None) -> Job:
+        job = Job(jc, self.pools[jc.pool], owned, clock=self.clock)
+        job.start()
+        with self._state_lock:
+            self.jobs[jc.name] = job
+        for op in job._ops:
+            self._owner[id(op)] = job
+        return job
+
+    def _install_signal_handlers(self) -> None:
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._record_signal)
+
+    def _record_signal(self, signum: int, frame: object) -> None:
+        """NO work here, no logging: just record it; the main loop acts."""
+        self._signals.append(signum)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, h in self._old_handlers.items():
+            signal.signal(sig, h)  # type: ignore[arg-type]
+        signal.set_wakeup_fd(-1)
+        for s in (self._wakeup_r, self._wakeup_w):
+            if s is not None:
+                s.close()
+
+    # ============================================================== main loop
+    def main_loop(self) -> int:
+        """Serve until TERM/INT. Returns the signal that ended it."""
+        while True:
+            while self._signals:
+                sig = self._signals.popleft()
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    log.info("received %s: shutting down", signal.Signals(sig).name)
+                    return sig
+                if sig == signal.SIGHUP:
+                    self.reload()
+            now = self.clock()
+            for job in list(self.jobs.values()):
+                job.pump(now)
+            self._wait(self._next_deadline(now) - now)
+            self._reap_all()
+            self._tick()
+
+    def _next_deadline(self, now: float) -> float:
+        deadline = min(now + MAX_WAIT, self._next_status)
+        if self.notifier.watchdog_interval:
+            deadline = min(deadline, self._next_watchdog)
+        for job in self.jobs.values():
+            t = job.next_wakeup()
+            if t is not None:
+                deadline = min(deadline, t)
+        return deadline
+
+    def _wait(self, timeout: float) -> None:
+        fds: list[int] = [p.eventfd for p in self._all_pools() if p.eventfd is not None]
+        if self._wakeup_r is not None:
+            fds.append(self._wakeup_r.fileno())
+        if timeout > 0 and not self._signals:
+            select.select(fds, [], [], timeout)
+        if self._wakeup_r is not None:
+            try:
+                while self._wakeup_r.recv(512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    def _all_pools(self) -> list[Pool]:
+        return list(self.pools.values()) + [r.pool for r in self._retiring_pools]
+
+    def _reap_all(self) -> int:
+        n = 0
+        for pool in self._all_pools():
+            if pool.eventfd is not None:
+                try:
+                    os.eventfd_read(pool.eventfd)  # reset before reaping: no lost wakeup
+                except BlockingIOError:
+                    pass
+            if not pool.in_flight:
+                continue
+            for op in pool.reap(timeout=0):
+                n += 1
+                job = self._owner.get(id(op))
+                if job is not None:
+                    job.complete(op)
+        return n
+
+    def _tick(self) -> None:
+        """Once per loop turn: heartbeat, watchdog, status, retiring jobs and pools."""
+        now = self.clock()
+        self._heartbeat = now
+        if self.notifier.watchdog_interval and now >= self._next_watchdog:
+            # Sent from the loop itself: a stuck loop stops the pings.
+            self.notifier.watchdog()
+            self._next_watchdog = now + self.notifier.watchdog_interval
+        if now >= self._next_status:
+            self.notifier.status(self._status_line())
+            self._next_status = now + STATUS_INTERVAL
+        if self._stopping_jobs:
+            for job in [j for j in self._stopping_jobs if j.close_if_idle()]:
+                self._stopping_jobs.remove(job)
+                self._forget_ops(job)
+        if self._retiring_pools:
+            self._retire_pools(now)
+
+    def _forget_ops(self, job: Job) -> None:
+        for op in job._ops:
+            if self._owner.get(id(op)) is job:
+                del self._owner[id(op)]
+        if job.name not in self.jobs:  # removed, not restarted under the same name
+            job.pool.forget(job.name)
+
+    def _retire_pools(self, now: float) -> None:
+        """Destroy pools removed by a reload once their I/O is done (or too late)."""
+        for r in list(self._retiring_pools):
+            late = now - r.since >= self.cfg.shutdown.drain_timeout
+            if r.pool.in_flight and not late:
+                continue
+            r.pool.drain(0)
+            r.pool.cancel(CANCEL_WAIT)
+            self._reap_all()
+            rep = r.pool.destroy(self.cfg.shutdown.destroy_timeout)
+            snap = r.pool.snapshot()
+            log.info("pool %s removed: %d contexts destroyed, %d failed; %s",
+                     r.pool.name, rep.destroyed, len(rep.failed), _totals_text(snap.totals()),
+                     extra={"AIOD_POOL": r.pool.name})
+            with self._state_lock:
+                self._retiring_pools.remove(r)
+                self._ended_pools.append(snap)
+
+    # ================================================================= reload
+    def reload(self) -> bool:
+        """SIGHUP: load the config again and apply it; a bad one changes nothing."""
+        self.notifier.reloading()
+        source = self.config_path or "the default configuration"
+        log.info("reloading configuration from %s", source)
+        try:
+            new = config_mod.load(self.config_path, env=self.env)
+            self._apply(new)
+        except (ConfigError, StartupError, PoolError, OSError) as e:
+            self._reload_ok = False
+            first = str(e).splitlines()
+            for line in first:
+                log.error("reload failed, keeping the running configuration: %s", line)
+            self.notifier.ready(f"reload failed ({first[0] if first else e}); "
+                                f"{self._status_line()}")
+            return False
+        self._reload_ok = True
+        self._reload_ts = self.wall()
+        log.info("configuration reloaded: %s", self._summary())
+        self.notifier.ready(self._status_line())
+        return True
+
+    def _apply(self, new: Config) -> None:
+        """Prepare everything that can fail first; commit only when all of it worked."""
+        old = self.cfg
+        old_pools = {p.name: p for p in old.pools}
+        new_pools = {p.name: p for p in new.pools}
+        created: dict[str, Pool] = {}
+        grown: list[tuple[Pool, int]] = []
+        server: MetricsServer | None = None
+        replaced = {n for n, pc in new_pools.items()
+                    if n in old_pools and pc.nr_events != old_pools[n].nr_events}
+        try:
+            for name, pc in new_pools.items():
+                if name not in self.pools or name in replaced:
+                    created[name] = self._make_pool(name, pc.contexts, pc.nr_events)
+                elif pc.contexts > self.pools[name].size:
+                    pool = self.pools[name]
+                    grown.append((pool, pool.size))
+                    pool.resize(pc.contexts)
+            if (new.metrics.host, new.metrics.port) != (old.metrics.host, old.metrics.port):
+                try:
+                    server = self._bind_metrics(new)
+                except OSError as e:
+                    raise StartupError(f"cannot listen for metrics on {new.metrics.host}:"
+                                       f"{new.metrics.port}: {e.strerror}", EXIT_FAILURE) from e
+        except BaseException:
+            for pool in created.values():
+                pool.close()
+            for pool, size in grown:
+                pool.resize(size)
+            raise
+        # ---- commit: nothing below can fail for lack of resources
+        logs.setup(new.log_level, env=self.env)
+        self._prepare_state_directory(new.state_directory)
+        owned = self._owned(new.state_directory)
+        if server is not None:
+            assert self.metrics is not None
+            self.metrics.close()
+            server.start()
+            self.metrics = server
+            log.info("metrics now on %s", server.url)
+        new_jobs = {j.name: j for j in new.jobs}
+        for name, job in list(self.jobs.items()):
+            jc = new_jobs.get(name)
+            if jc is None or jc != job.cfg or jc.pool in replaced or jc.pool not in new_pools:
+                self._stop_job(job)
+        for name, pool in list(self.pools.items()):
+            if name not in new_pools or name in replaced:
+                with self._state_lock:
+                    del self.pools[name]
+                    self._retiring_pools.append(_RetiringPool(pool, self.clock()))
+                log.info("pool %s: retiring (%s)", name,
+                         "nr_events changed" if name in replaced else "removed from the config",
+                         extra={"AIOD_POOL": name})
+        with self._state_lock:
+            self.pools.update(created)
+        for name, pc in new_pools.items():
+            pool = self.pools[name]
+            if pc.contexts < pool.size:
+                pool.resize(pc.contexts, retire_timeout=new.shutdown.drain_timeout)
+                log.info("pool %s: shrinking to %d contexts", name, pc.contexts,
+                         extra={"AIOD_POOL": name})
+        self.cfg = new
+        for name, jc in new_jobs.items():
+            if name not in self.jobs:
+                self._start_job(jc, owned)
+
+    def _stop_job(self, job: Job) -> None:
+        job.stop()
+        with self._state_lock:
+            del self.jobs[job.name]
+        if job.state is JobState.STOPPED:
+            self._forget_ops(job)
+        else:
+            self._stopping_jobs.append(job)
+        log.info("job %s: stopped", job.name, extra={"AIOD_JOB": job.name})
+
+    # =============================================================== shutdown
+    def shutdown(self, reason: str = "SIGTERM") -> ShutdownResult:
+        """The whole shutdown, top to bottom. Every op ends accounted for."""
+        # 1. Stop submitting: jobs stop, pools refuse new work.
+        self.phase = Phase.DRAINING
+        self.notifier.stopping(f"stopping: draining {self._in_flight()} operations")
+        for job in list(self.jobs.values()) + self._stopping_jobs:
+            job.stop()
+        for pool in self._all_pools():
+            pool.drain(0)
+
+        # 2. Drain: wait for in-flight I/O, up to drain_timeout. A second
+        #    TERM/INT skips the rest of the wait.
+        t0 = self.clock()
+        drain_timeout = self.cfg.shutdown.drain_timeout
+        deadline = t0 + drain_timeout
+        hurried = False
+        drained = 0
+        last_extend = t0
+        while self._in_flight() and not hurried:
+            now = self.clock()
+            if now >= deadline:
+                break
+            self._wait(min(deadline - now, 0.1))
+            got = self._reap_all()
+            drained += got
+            self._tick()
+            for sig in self._take_signals():
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    log.warning("second %s during the drain: cancelling now",
+                                signal.Signals(sig).name)
+                    hurried = True
+                else:
+                    log.info("SIGHUP during shutdown: ignored, not reloading")
+            if got and now - last_extend >= 1.0:
+                # Still making progress: ask systemd for more time, a few seconds at a time.
+                self.notifier.extend_timeout(5.0)
+                self.notifier.status(f"stopping: draining, {self._in_flight()} in flight")
+                last_extend = now
+        drain_seconds = self.clock() - t0
+        remaining = self._in_flight()
+        log.info("drain: %d operations finished in %.3fs, %d still in flight%s",
+                 drained, drain_seconds, remaining,
+                 " (second signal)" if hurried else
+                 (" (drain_timeout reached)" if remaining else ""))
+
+        # 3. Cancel what is left. File and block I/O cannot be cancelled:
+        #    it is counted and logged by the pool, not hidden.
+        self.phase = Phase.CANCELLING
+        t1 = self.clock()
+        cancel = {"requested": 0, "cancelled": 0, "uncancellable": 0}
+        for pool in self._all_pools():
+            rep = pool.cancel(CANCEL_WAIT if pool.in_flight else 0.0)
+            cancel["requested"] += rep.requested
+            cancel["cancelled"] += rep.cancelled
+            cancel["uncancellable"] += rep.uncancellable
+        self._reap_all()
+        cancel_seconds = self.clock() - t1
+        if cancel["requested"] or cancel["uncancellable"]:
+            log.info("cancel: %d cancelled, %d could not be cancelled (file or block I/O)",
+                     cancel["cancelled"], cancel["uncancellable"])
+        self._take_signals()
+
+        # 4. Destroy every context, all pools within one destroy_timeout.
+        self.phase = Phase.DESTROYING
+        self.notifier.status("stopping: destroying contexts")
+        t2 = self.clock()
+        dl = t2 + self.cfg.shutdown.destroy_timeout
+        failed: list[dict[str, object]] = []
+        lost = 0
+        for pool in self._all_pools():
+            rep2 = pool.destroy(max(0.0, dl - self.clock()))
+            failed.extend(rep2.failed)
+            lost += rep2.lost
+        destroy_seconds = self.clock() - t2
+        for job in list(self.jobs.values()) + self._stopping_jobs:
+            job.in_flight = 0
+            job.close_if_idle()
+        self.phase = Phase.STOPPED
+
+        # 5. Report: one log line of totals, and the same as JSON, atomically.
+        snaps = [p.snapshot() for p in self._all_pools()] + self._ended_pools
+        totals = _sum_totals(snaps)
+        report: dict[str, object] = {
+            "version": __version__,
+            "reason": reason,
+            "started_at": self.started_at,
+            "stopped_at": self.wall(),
+            "totals": totals,
+            "invariant_holds": totals["submitted"] == totals["completed"] + totals["cancelled"]
+            + totals["failed"] + totals["in_flight"] and totals["in_flight"] == 0,
+            "drain_timeout": drain_timeout,
+            "drain_seconds": round(drain_seconds, 6),
+            "drain_interrupted_by_signal": hurried,
+            "cancel_seconds": round(cancel_seconds, 6),
+            "destroy_seconds": round(destroy_seconds, 6),
+            "cancel": cancel,
+            "lost_at_destroy": lost,
+            "failed_to_destroy": failed,
+            "aio_nr_before_start": self.aio_nr_before,
+            "aio_nr_after_destroy": aio.system_aio_usage(self.procfs_root)[0],
+            "pools": [_pool_report(s) for s in snaps],
+        }
+        log.info("shutdown complete: %s; drain %.3fs, cancel %.3fs, destroy %.3fs; "
+                 "%d contexts failed to destroy; aio-nr %d -> %d",
+                 _totals_text(totals), drain_seconds, cancel_seconds, destroy_seconds,
+                 len(failed), self.aio_nr_before, report["aio_nr_after_destroy"])
+        self._write_report(report)
+        if self.metrics is not None:
+            self.metrics.close()
+        self._restore_signal_handlers()
+        return ShutdownResult(EXIT_OK, report)
+
+    def _take_signals(self) -> list[int]:
+        out = list(self._signals)
+        self._signals.clear()
+        return out
+
+    def _write_report(self, report: dict[str, object]) -> None:
+        path = self.cfg.state_directory / REPORT_FILE
+        try:
+            write_atomic(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+        except OSError as e:
+            log.error("cannot write the shutdown report %s: %s", path, e.strerror)
+
+    def _destroy_pools_now(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
+
+    # ========================================================= state for others
+    def run(self) -> int:
+        """startup, main_loop, shutdown; returns the exit code."""
+        try:
+            self.startup()
+        except StartupError as e:
+            log.error("%s", e)
+            self._restore_signal_handlers()
+            return e.exit_code
+        sig = self.main_loop()
+        return self.shutdown(signal.Signals(sig).name).exit_code
+
+    def _in_flight(self) -> int:
+        return sum(p.in_flight for p in self._all_pools())
+
+    def healthy(self) -> bool:
+        return self.phase is not Phase.STOPPED and self.clock() - self._heartbeat < HEALTH_STALL
+
+    def ready(self) -> bool:
+        return self.phase is Phase.SERVING and self.healthy()
+
+    def pool_snapshots(self) -> list[PoolSnapshot]:
+        with self._state_lock:
+            pools = list(self.pools.values()) + [r.pool for r in self._retiring_pools]
+        return [p.snapshot() for p in pools]
+
+    def job_views(self) -> list[JobView]:
+        with self._state_lock:
+            jobs = list(self.jobs.values())
+        return [JobView(name=j.name, pool=j.pool.name, state=j.state.value,
+                        errors=dict(j.errors), timeouts=j.timeouts, skipped=j.skipped)
+                for j in jobs]
+
+    def aio_usage(self) -> tuple[int, int]:
+        try:
+            return aio.system_aio_usage(self.procfs_root)
+        except (OSError, ValueError):
+            return (0, 0)
+
+    def reload_status(self) -> tuple[bool, float]:
+        return self._reload_ok, self._reload_ts
+
+    def _summary(self) -> str:
+        contexts = sum(p.size for p in self.pools.values())
+        running = sum(1 for j in self.jobs.values() if j.state is JobState.RUNNING)
+        return (f"{len(self.pools)} pool{'s' if len(self.pools) != 1 else ''} "
+                f"({contexts} contexts), {running}/{len(self.jobs)} jobs running")
+
+    def _status_line(self) -> str:
+        snaps = [p.snapshot() for p in self._all_pools()]
+        t = _sum_totals(snaps)
+        errs = sum(sum(j.errors.values()) for j in self.jobs.values())
+        line = (f"{self._summary()}; {t['submitted']} ops, {t['in_flight']} in flight, "
+                f"{t['failed']} failed")
+        if errs:
+            line += f", {errs} job errors"
+        return line
+
+
+def _sum_totals(snaps: list[PoolSnapshot]) -> dict[str, int]:
+    keys = ("submitted", "completed", "cancelled", "failed", "in_flight")
+    return {k: sum(s.totals()[k] for s in snaps) for k in keys}
+
+
+def _totals_text(t: Mapping[str, int]) -> str:
+    return (f"submitted {t['submitted']} = completed {t['completed']} + cancelled "
+            f"{t['cancelled']} + failed {t['failed']} + in flight {t['in_flight']}")
+
+
+def _pool_report(s: PoolSnapshot) -> dict[str, object]:
+    from aiod.metrics import errno_name
+    return {
+        "name": s.name,
+        "nr_events": s.nr_events,
+        "totals": s.totals(),
+        "contexts": [r.as_dict() for r in s.records],
+        "ops": [{"job": st.job, "op": st.op, "submitted": st.submitted,
+                 "completed": st.completed, "cancelled": st.cancelled,
+                 "failed": {errno_name(e): n for e, n in sorted(st.failed.items())}}
+                for st in s.stats],
+        "setups": s.setups,
+        "destroys": s.destroys,
+        "destroy_failures": s.destroy_failures,
+    }

@@ -1,0 +1,296 @@
+"""Jobs: the I/O aiod drives through its pools.
+
+A probe issues operations at a fixed rate (at most ``iodepth`` in flight) and
+measures each one's latency from submit to completion; a load job keeps
+``iodepth`` operations in flight all the time. Both reuse a fixed set of ops,
+so a running job allocates nothing per operation.
+
+A job whose target cannot be used (missing, permission, full disk, refused
+write) does not stop the daemon: the error is counted, logged, and the job
+tries again later.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import random
+import select
+import time
+from typing import Callable
+
+from aiod import aio
+from aiod.config import JobConfig, WRITE_OPS
+from aiod.pool import Outcome, Pool, PoolClosed
+from aiod.targets import OpenTarget, OwnedFiles, TargetError, open_fifo, open_target
+
+log = logging.getLogger("aiod.jobs")
+
+RETRY_INTERVAL = 10.0  # seconds between attempts to open a target that failed
+# After a failed op a load job pauses, doubling up to the maximum while the
+# failures go on: an I/O error storm must not become a busy loop.
+FAILURE_BACKOFF_MIN = 0.05
+FAILURE_BACKOFF_MAX = 5.0
+TIMEOUT_CHECK_INTERVAL = 0.25
+
+
+class JobState(str, enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    ERROR = "error"        # target unusable; retried every RETRY_INTERVAL
+    STOPPING = "stopping"  # no new submissions; waiting for in-flight ops
+    STOPPED = "stopped"
+
+
+class Job:
+    """One configured job bound to its pool."""
+
+    def __init__(self, cfg: JobConfig, pool: Pool, owned: OwnedFiles | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.pool = pool
+        self._owned = owned
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.state = JobState.STARTING
+        self.target: OpenTarget | None = None
+        self._free: dict[str, list[aio.Op]] = {"read": [], "write": [], "fsync": [],
+                                               "poll": []}
+        self._ops: list[aio.Op] = []
+        self.in_flight = 0
+        self._next_due = 0.0
+        self._retry_at = 0.0
+        self._seq = 0
+        self._nblocks = 0
+        self._flagged: set[int] = set()
+        self._next_timeout_check = 0.0
+        self._last_errno_logged: dict[int, float] = {}
+        self._pause_until = 0.0
+        self._backoff = 0.0
+        # Counters read by the metrics collector (plain ints: written by the
+        # I/O loop only, read as whole values by the scrape thread).
+        self.errors: dict[str, int] = {}
+        self.timeouts = 0
+        self.skipped = 0
+        self.needs_write = cfg.op in WRITE_OPS
+        kinds = {"read": ("read",), "randread": ("read",), "write": ("write",),
+                 "randwrite": ("write",), "randrw": ("read", "write"),
+                 "fsync": ("fsync",), "poll": ("poll",)}[cfg.op]
+        self._kinds = kinds
+        pool.register(self.name, kinds)
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> bool:
+        """Open (creating when missing) the target and build the ops. False on error."""
+        now = self._clock()
+        try:
+            if self.cfg.op == "poll":
+                self.target = open_fifo(self.cfg.target)
+            else:
+                self.target = open_target(
+                    self.cfg.target, size=self.cfg.size, block_size=self.cfg.block_size,
+                    direct=self.cfg.direct, needs_write=self.needs_write,
+                    allow_write=self.cfg.allow_write, owned=self._owned)
+        except TargetError as e:
+            self._count_error(e.reason)
+            self.state = JobState.ERROR
+            self._retry_at = now + RETRY_INTERVAL
+            log.error("job %s: %s; retrying in %.0fs", self.name, e, RETRY_INTERVAL,
+                      extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
+                             "AIOD_TARGET": str(self.cfg.target), "ERRNO": e.errno})
+            return False
+        if self.target.created and self.cfg.op != "poll":
+            log.info("job %s: created %s (%d bytes of data)", self.name, self.target.path,
+                     self.target.size, extra={"AIOD_JOB": self.name})
+        self._build_ops()
+        self.state = JobState.RUNNING
+        self._next_due = now
+        return True
+
+    def _build_ops(self) -> None:
+        assert self.target is not None
+        fd, bs = self.target.fd, self.cfg.block_size
+        self._nblocks = max(1, self.target.size // bs) if self.target.size else 1
+        depth = max(1, self.cfg.iodepth)
+        for kind in self._kinds:
+            for _ in range(depth):
+                if kind == "read":
+                    op = aio.read(fd, aio.aligned_buffer(bs), 0)
+                elif kind == "write":
+                    buf = aio.aligned_buffer(bs)
+                    buf.view[:] = self._rng.randbytes(bs)
+                    op = aio.write(fd, buf, 0)
+                elif kind == "poll":
+                    op = aio.poll(fd, select.POLLIN)
+                else:
+                    op = aio.fsync(fd)
+                self._ops.append(op)
+                self._free[kind].append(op)
+
+    def stop(self) -> None:
+        """No new submissions; in-flight ops complete and are accounted as usual."""
+        if self.state is not JobState.STOPPED:
+            self.state = JobState.STOPPING
+        self.close_if_idle()
+
+    def close_if_idle(self) -> bool:
+        if self.state is JobState.STOPPING and self.in_flight == 0:
+            if self.target is not None:
+                self.target.close()
+            self.state = JobState.STOPPED
+        return self.state is JobState.STOPPED
+
+    def owns(self, op: aio.Op) -> bool:
+        return any(op is o for o in self._ops)
+
+    # ------------------------------------------------------------------ I/O
+    def _next_op(self) -> aio.Op | None:
+        kinds = self._kinds
+        kind = kinds[0] if len(kinds) == 1 else self._rng.choice(kinds)
+        free = self._free[kind]
+        if not free:
+            other = [k for k in kinds if self._free[k]]
+            if not other:
+                return None
+            kind = other[0]
+            free = self._free[kind]
+        op = free.pop()
+        if kind in ("read", "write"):
+            if self.cfg.op in ("read", "write"):
+                off = self._seq
+                self._seq = (self._seq + 1) % self._nblocks
+            else:
+                off = self._rng.randrange(self._nblocks)
+            op.set_offset(off * self.cfg.block_size)
+        return op
+
+    def pump(self, now: float) -> None:
+        """Submit what is due now."""
+        if self.state is JobState.ERROR and now >= self._retry_at:
+            self.start()
+        if self.state is not JobState.RUNNING:
+            return
+        if self.cfg.type == "load" and now < self._pause_until:
+            return
+        if self.cfg.type == "load":
+            want = self.cfg.iodepth - self.in_flight
+            if want > 0:
+                self._submit([op for op in (self._next_op() for _ in range(want)) if op])
+        else:
+            interval = 1.0 / self.cfg.rate
+            if now < self._next_due:
+                return
+            if self.in_flight >= self.cfg.iodepth:
+                self.skipped += 1
+            else:
+                op = self._next_op()
+                if op is not None:
+                    self._submit([op])
+            self._next_due += interval
+            if self._next_due < now - interval:  # fell behind (stalled loop): no burst
+                self._next_due = now + interval
+        if now >= self._next_timeout_check:
+            self._check_timeouts(now)
+
+    def _submit(self, ops: list[aio.Op]) -> None:
+        if not ops:
+            return
+        try:
+            refused = self.pool.submit(ops, job=self.name)
+        except PoolClosed:
+            refused = ops
+        refused_ids = {id(op) for op in refused}
+        for op in ops:
+            if id(op) in refused_ids:  # pool full: back-pressure, try next time
+                self.skipped += 1
+                self._release(op)
+            elif op.tag is not None and op.tag.outcome is Outcome.FAILED:
+                # Refused by io_submit itself (already accounted by the pool).
+                self._note_failure(op)
+                self._release(op)
+            else:
+                self.in_flight += 1
+
+    def _release(self, op: aio.Op) -> None:
+        self._free[_kind(op)].append(op)
+
+    def complete(self, op: aio.Op) -> None:
+        """The pool accounted op's completion; take it back for reuse."""
+        self.in_flight -= 1
+        self._flagged.discard(id(op))
+        if op.tag is not None and op.tag.outcome is Outcome.FAILED:
+            self._note_failure(op)
+        else:
+            self._backoff = 0.0
+        self._release(op)
+        if self.state is JobState.STOPPING:
+            self.close_if_idle()
+
+    def _note_failure(self, op: aio.Op) -> None:
+        err = op.tag.errno if op.tag is not None else 0
+        now = self._clock()
+        self._backoff = min(FAILURE_BACKOFF_MAX, max(FAILURE_BACKOFF_MIN, self._backoff * 2))
+        self._pause_until = now + self._backoff
+        last = self._last_errno_logged.get(err)
+        if last is None or now - last >= 60.0:  # one line per errno per minute
+            self._last_errno_logged[err] = now
+            log.error("job %s: %s on %s failed: %s", self.name, op.name,
+                      self.cfg.target, os.strerror(err),
+                      extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
+                             "AIOD_TARGET": str(self.cfg.target), "ERRNO": err})
+
+    def _check_timeouts(self, now: float) -> None:
+        """Flag (once) each op in flight longer than the job's timeout: hung I/O."""
+        self._next_timeout_check = now + TIMEOUT_CHECK_INTERVAL
+        if not self.in_flight:
+            return
+        limit_ns = int(self.cfg.timeout * 1e9)
+        now_ns = time.perf_counter_ns()
+        for op in self._ops:
+            tag = op.tag
+            if (tag is None or tag.outcome is not None or tag.slot is None
+                    or id(op) in self._flagged or not tag.submitted_ns):
+                continue
+            if now_ns - tag.submitted_ns > limit_ns and _is_in_flight(op):
+                self._flagged.add(id(op))
+                self.timeouts += 1
+                log.warning("job %s: %s on %s has been in flight for more than %gs "
+                            "(hung I/O?)", self.name, op.name, self.cfg.target,
+                            self.cfg.timeout,
+                            extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
+                                   "AIOD_TARGET": str(self.cfg.target)})
+
+    def _count_error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def next_wakeup(self) -> float | None:
+        """When pump next has something to do (None: only completions matter)."""
+        if self.state is JobState.ERROR:
+            return self._retry_at
+        if self.state is not JobState.RUNNING:
+            return None
+        if self.cfg.type == "probe":
+            return self._next_due
+        if self._pause_until > self._clock():
+            return self._pause_until
+        return None
+
+
+def _kind(op: aio.Op) -> str:
+    code = op.opcode
+    if code == aio.IOCB_CMD_PWRITE:
+        return "write"
+    if code == aio.IOCB_CMD_FSYNC:
+        return "fsync"
+    if code == aio.IOCB_CMD_POLL:
+        return "poll"
+    return "read"
+
+
+def _is_in_flight(op: aio.Op) -> bool:
+    tag = op.tag
+    return tag is not None and tag.slot is not None and tag.outcome is None and op.res is None
+

@@ -1,0 +1,240 @@
+"""Prometheus exposition: a collector over pool snapshots, and the HTTP endpoint.
+
+The collector owns no counters. At scrape time it asks the daemon for
+snapshots (copied under the pools' locks) and formats them outside any lock,
+so a scrape never slows the I/O loop by more than the copy.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import http.server
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from aiod import __version__
+from aiod.lifecycle import ContextState
+from aiod.pool import LATENCY_BUCKETS, PoolSnapshot
+
+
+@dataclass
+class JobView:
+    """What the collector needs of a job, copied by the I/O loop's owner."""
+
+    name: str
+    pool: str
+    state: str
+    errors: dict[str, int] = field(default_factory=dict)
+    timeouts: int = 0
+    skipped: int = 0
+
+
+class Source(Protocol):
+    """What the daemon exposes to the collector (all thread-safe)."""
+
+    def pool_snapshots(self) -> list[PoolSnapshot]: ...
+    def job_views(self) -> list[JobView]: ...
+    def aio_usage(self) -> tuple[int, int]: ...
+    def reload_status(self) -> tuple[bool, float]: ...
+
+
+def errno_name(err: int) -> str:
+    return _errno.errorcode.get(err, str(err))
+
+
+class AiodCollector:
+    """Reads the daemon's state at scrape time (prometheus_client Collector protocol)."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        src = self._source
+        pools = src.pool_snapshots()
+        jobs = src.job_views()
+
+        info = GaugeMetricFamily("aiod_build_info", "aiod build information; always 1.",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+        contexts = GaugeMetricFamily("aiod_contexts", "Kernel AIO contexts by lifecycle state.",
+                                     labels=["pool", "state"])
+        in_flight = GaugeMetricFamily("aiod_ops_in_flight",
+                                      "Operations submitted to the kernel and not yet finished.",
+                                      labels=["pool"])
+        oldest = GaugeMetricFamily("aiod_ops_oldest_in_flight_seconds",
+                                   "Age of the oldest operation still in flight (0 when none): "
+                                   "hung I/O shows here.", labels=["pool"])
+        setups = CounterMetricFamily("aiod_context_setups", "Successful io_setup calls.",
+                                     labels=["pool"])
+        destroys = CounterMetricFamily("aiod_context_destroys", "Successful io_destroy calls.",
+                                       labels=["pool"])
+        destroy_fail = CounterMetricFamily("aiod_context_destroy_failures",
+                                           "Contexts whose io_destroy failed or did not return "
+                                           "in time.", labels=["pool"])
+        setup_fail = CounterMetricFamily("aiod_context_setup_failures",
+                                         "io_setup calls that failed, by errno.",
+                                         labels=["pool", "errno"])
+        submitted = CounterMetricFamily("aiod_ops_submitted", "Operations submitted.",
+                                        labels=["pool", "job", "op"])
+        completed = CounterMetricFamily("aiod_ops_completed",
+                                        "Operations that completed successfully.",
+                                        labels=["pool", "job", "op"])
+        cancelled = CounterMetricFamily("aiod_ops_cancelled",
+                                        "Operations cancelled (including those in flight when "
+                                        "their context was destroyed).",
+                                        labels=["pool", "job", "op"])
+        failed = CounterMetricFamily("aiod_ops_failed", "Operations that failed, by errno.",
+                                     labels=["pool", "job", "op", "errno"])
+        latency = HistogramMetricFamily("aiod_op_latency_seconds",
+                                        "Operation latency from submit to completion.",
+                                        labels=["pool", "job", "op"], unit="")
+        last_completion: dict[str, float] = {}
+        for p in pools:
+            for state, n in p.contexts_by_state().items():
+                contexts.add_metric([p.name, state], n)
+            in_flight.add_metric([p.name], p.in_flight)
+            oldest.add_metric([p.name], p.oldest_in_flight_seconds)
+            setups.add_metric([p.name], p.setups)
+            destroys.add_metric([p.name], p.destroys)
+            destroy_fail.add_metric([p.name], p.destroy_failures)
+            for err, n in sorted(p.setup_failures.items()):
+                setup_fail.add_metric([p.name, errno_name(err)], n)
+            for st in p.stats:
+                labels = [p.name, st.job, st.op]
+                submitted.add_metric(labels, st.submitted)
+                completed.add_metric(labels, st.completed)
+                cancelled.add_metric(labels, st.cancelled)
+                for err, n in sorted(st.failed.items()):
+                    failed.add_metric(labels + [errno_name(err)], n)
+                cumulative, buckets = 0, []
+                for bound, n in zip(LATENCY_BUCKETS, st.buckets):
+                    cumulative += n
+                    buckets.append((_fmt(bound), cumulative))
+                buckets.append(("+Inf", cumulative + st.buckets[-1]))
+                latency.add_metric(labels, buckets, st.latency_sum_ns / 1e9)
+                if st.last_completion is not None:
+                    last_completion[st.job] = max(last_completion.get(st.job, 0.0),
+                                                  st.last_completion)
+        yield from (contexts, in_flight, oldest, setups, destroys, destroy_fail, setup_fail,
+                    submitted, completed, cancelled, failed, latency)
+
+        last = GaugeMetricFamily("aiod_job_last_completion_timestamp_seconds",
+                                 "Unix time of the job's last completed operation "
+                                 "(0 before the first).", labels=["job"])
+        up = GaugeMetricFamily("aiod_job_running", "1 when the job is doing I/O, 0 when its "
+                               "target is unusable or it is stopping.", labels=["job", "pool"])
+        errors = CounterMetricFamily("aiod_job_errors", "Job errors that are not an operation's "
+                                     "own outcome (target missing, permission, full disk, "
+                                     "refused write), by reason.", labels=["job", "reason"])
+        timeouts = CounterMetricFamily("aiod_job_op_timeouts", "Operations still in flight past "
+                                       "the job's timeout (hung I/O).", labels=["job"])
+        skipped = CounterMetricFamily("aiod_job_skipped_ops", "Operations not issued because "
+                                      "the job's iodepth or the pool was full.", labels=["job"])
+        for j in jobs:
+            last.add_metric([j.name], last_completion.get(j.name, 0.0))
+            up.add_metric([j.name, j.pool], 1 if j.state == "running" else 0)
+            for reason, n in sorted(j.errors.items()):
+                errors.add_metric([j.name, reason], n)
+            timeouts.add_metric([j.name], j.timeouts)
+            skipped.add_metric([j.name], j.skipped)
+        yield from (last, up, errors, timeouts, skipped)
+
+        nr, max_nr = src.aio_usage()
+        g = GaugeMetricFamily("aiod_kernel_aio_nr", "fs.aio-nr: AIO events allocated system-wide.")
+        g.add_metric([], nr)
+        yield g
+        g = GaugeMetricFamily("aiod_kernel_aio_max_nr", "fs.aio-max-nr: the system-wide limit.")
+        g.add_metric([], max_nr)
+        yield g
+        ok, ts = src.reload_status()
+        g = GaugeMetricFamily("aiod_config_last_reload_successful",
+                              "1 when the last configuration load succeeded.")
+        g.add_metric([], 1 if ok else 0)
+        yield g
+        g = GaugeMetricFamily("aiod_config_last_reload_success_timestamp_seconds",
+                              "Unix time of the last successful configuration load.")
+        g.add_metric([], ts)
+        yield g
+
+
+def _fmt(bound: float) -> str:
+    return repr(float(bound))
+
+
+def make_registry(source: Source) -> CollectorRegistry:
+    """Our own registry: never the global one (tests would collide)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AiodCollector(source))  # type: ignore[arg-type]
+    return registry
+
+
+# ---------------------------------------------------------------- HTTP server
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz and /readyz on a thread of its own."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry,
+                 healthy: Callable[[], bool], ready: Callable[[], bool]) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Server(_Server):
+            address_family = family
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body = generate_latest(registry)
+                    self._reply(200, body, CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = healthy()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"I/O loop stalled\n")
+                elif path == "/readyz":
+                    ok = ready()
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                elif path == "/":
+                    self._reply(200, b"aiod: see /metrics, /healthz, /readyz\n")
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, code: int, body: bytes,
+                       ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes every few seconds would flood the journal
+
+        self._httpd = Server((host, port), Handler)
+        self.host = host
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        name="metrics-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

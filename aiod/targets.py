@@ -1,0 +1,237 @@
+"""The files and devices jobs do I/O on, and which of them aiod may write.
+
+Users' data is never touched by default: aiod writes only to files it created
+itself, and it remembers which those are in ``owned-targets.json`` in its
+state directory: path, device, inode and a random token that is also stored
+in the file's ``user.aiod.token`` extended attribute. Inode numbers are reused
+at once on ext4, so a file deleted and replaced behind aiod's back would match
+on inode alone; it does not carry the token. Anything else, a block device or a
+file someone else made, is opened read-only unless the job says
+``allow_write: true``.
+
+A file aiod creates is filled with real data: after fallocate alone, reads of
+unwritten extents never reach the device and a probe would measure nothing.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+OWNED_FILE = "owned-targets.json"
+TOKEN_XATTR = "user.aiod.token"
+FILL_CHUNK = 1 << 20
+
+
+class TargetError(Exception):
+    """A target cannot be used. ``reason`` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str, err: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.errno = err
+
+
+def _reason(err: int) -> str:
+    return {_errno.ENOENT: "missing", _errno.EACCES: "permission", _errno.EPERM: "permission",
+            _errno.ENOSPC: "no_space", _errno.EDQUOT: "no_space", _errno.EROFS: "read_only",
+            _errno.EIO: "io_error"}.get(err, "os_error")
+
+
+class OwnedFiles:
+    """The set of files aiod created, persisted atomically in the state directory."""
+
+    def __init__(self, state_directory: Path) -> None:
+        self.path = state_directory / OWNED_FILE
+        self._entries: dict[str, tuple[int, int, str | None]] = {}
+        try:
+            data = json.loads(self.path.read_text())
+            for p, v in data.get("files", {}).items():
+                self._entries[p] = (int(v["dev"]), int(v["ino"]), v.get("token"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # no record (or an unreadable one) means: we own nothing
+
+    def owns(self, path: Path, st: os.stat_result) -> bool:
+        entry = self._entries.get(str(path))
+        if entry is None or entry[:2] != (st.st_dev, st.st_ino):
+            return False
+        token = entry[2]
+        if token is None:  # the filesystem could not store the token
+            return True
+        try:
+            return os.getxattr(path, TOKEN_XATTR) == token.encode()
+        except OSError:
+            return False
+
+    def add(self, path: Path, st: os.stat_result) -> None:
+        token: str | None = secrets.token_hex(16)
+        try:
+            os.setxattr(path, TOKEN_XATTR, token.encode())  # type: ignore[union-attr]
+        except OSError:
+            token = None
+        self._entries[str(path)] = (st.st_dev, st.st_ino, token)
+        doc = {"files": {p: {"dev": d, "ino": i, "token": t}
+                         for p, (d, i, t) in self._entries.items()}}
+        write_atomic(self.path, json.dumps(doc, indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path so that a reader sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass
+class OpenTarget:
+    path: Path
+    fd: int
+    size: int
+    is_block: bool
+    writable: bool
+    created: bool
+    keep_fd: int = -1  # a FIFO's write end, held open by aiod itself
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.keep_fd >= 0:
+            os.close(self.keep_fd)
+            self.keep_fd = -1
+
+
+def create_filled(path: Path, size: int) -> None:
+    """Create path (which must not exist) holding size bytes of random data.
+
+    A partial file left by a full disk or an I/O error is removed, so a later
+    start never mistakes it for a complete one.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        raise TargetError(_reason(e.errno or 0), f"cannot create {path}: {e.strerror}", e.errno) from e
+    try:
+        left = size
+        while left > 0:
+            chunk = os.urandom(min(FILL_CHUNK, left))
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            left -= len(chunk)
+        os.fsync(fd)
+    except OSError as e:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise TargetError(_reason(e.errno or 0),
+                          f"cannot fill {path} with {size} bytes: {e.strerror}", e.errno) from e
+    os.close(fd)
+
+
+def open_target(path: Path, *, size: int, block_size: int, direct: bool,
+                needs_write: bool, allow_write: bool, owned: OwnedFiles | None) -> OpenTarget:
+    """Create (when missing) and open a job's target. Raises TargetError."""
+    created = False
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise TargetError("missing", f"cannot create {path}: directory {path.parent} "
+                              "does not exist", _errno.ENOENT)
+        create_filled(path, size)
+        created = True
+        st = os.stat(path)
+        if owned is not None:
+            try:
+                owned.add(path, st)
+            except OSError as e:
+                raise TargetError(_reason(e.errno or 0),
+                                  f"cannot record {path} as aiod's own: {e.strerror}", e.errno) from e
+    except OSError as e:
+        raise TargetError(_reason(e.errno or 0), f"cannot stat {path}: {e.strerror}", e.errno) from e
+    is_block = stat.S_ISBLK(st.st_mode)
+    if not is_block and not stat.S_ISREG(st.st_mode):
+        raise TargetError("not_a_file", f"{path} is neither a regular file nor a block device")
+    ours = created or (owned is not None and not is_block and owned.owns(path, st))
+    writable = ours or allow_write
+    if needs_write and not writable:
+        raise TargetError("write_refused",
+                          f"refusing to write to {path}: aiod did not create it "
+                          "(set allow_write: true on the job to allow it)")
+    flags = (os.O_RDWR if needs_write else os.O_RDONLY) | os.O_CLOEXEC
+    if direct:
+        flags |= os.O_DIRECT
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == _errno.EINVAL and direct:
+            raise TargetError("direct_unsupported",
+                              f"cannot open {path} with O_DIRECT: the filesystem does not "
+                              "support it (set direct: false)", e.errno) from e
+        raise TargetError(_reason(e.errno or 0), f"cannot open {path}: {e.strerror}", e.errno) from e
+    real_size = os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size
+    if real_size < block_size:
+        os.close(fd)
+        raise TargetError("too_small", f"{path} holds {real_size} bytes, less than one "
+                          f"block of {block_size}")
+    return OpenTarget(path=path, fd=fd, size=real_size, is_block=is_block,
+                      writable=writable, created=created)
+
+
+def open_fifo(path: Path) -> OpenTarget:
+    """Open (creating when missing) a FIFO for a `poll` job.
+
+    aiod opens the read end for the POLLs (IOCB_CMD_POLL on a FIFO opened
+    O_RDWR fails with EINVAL) and holds a write end itself, so a writer
+    that comes and goes never turns the POLLs into hang-ups: they wait for
+    data forever. Such a job measures nothing;
+    it holds AIO capacity in use, which is how shutdown and capacity are tested.
+    """
+    created = False
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise TargetError("missing", f"cannot create {path}: directory {path.parent} "
+                              "does not exist", _errno.ENOENT)
+        try:
+            os.mkfifo(path, 0o640)
+        except OSError as e:
+            raise TargetError(_reason(e.errno or 0), f"cannot create FIFO {path}: {e.strerror}",
+                              e.errno) from e
+        created = True
+        st = os.stat(path)
+    except OSError as e:
+        raise TargetError(_reason(e.errno or 0), f"cannot stat {path}: {e.strerror}", e.errno) from e
+    if not stat.S_ISFIFO(st.st_mode):
+        raise TargetError("not_a_fifo", f"{path} is not a FIFO (op: poll needs one)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise TargetError(_reason(e.errno or 0), f"cannot open {path}: {e.strerror}", e.errno) from e
+    try:
+        wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        os.close(fd)
+        raise TargetError(_reason(e.errno or 0), f"cannot open {path}: {e.strerror}", e.errno) from e
+    return OpenTarget(path=path, fd=fd, size=0, is_block=False, writable=False, created=created,
+                      keep_fd=wfd)
