@@ -21,6 +21,7 @@ run: install
 	$(BIN)/aiod run $(ARGS)
 
 test: install
+	@sh deploy/debian-deps.sh --test
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: install
