@@ -475,9 +475,6 @@ class Daemon:
             failed.extend(rep2.failed)
             lost += rep2.lost
         destroy_seconds = self.clock() - t2
-        for job in list(self.jobs.values()) + self._stopping_jobs:
-            job.in_flight = 0
-            job.close_if_idle()
         self.phase = Phase.STOPPED
 
         # 5. Report: one log line of totals, and the same as JSON, atomically.
@@ -511,6 +508,12 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.close()
         self._restore_signal_handlers()
+
+        # 6. Close the targets last: close() of a file on a hung device can
+        #    block (FUSE and NFS flush on close), and the report must be out first.
+        for job in list(self.jobs.values()) + self._stopping_jobs:
+            job.in_flight = 0  # every op was accounted above; none will complete to the job
+            job.close_if_idle()
         return ShutdownResult(EXIT_OK, report)
 
     def _take_signals(self) -> list[int]:

@@ -108,12 +108,16 @@ class OpenTarget:
     keep_fd: int = -1  # a FIFO's write end, held open by aiod itself
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.keep_fd >= 0:
-            os.close(self.keep_fd)
-            self.keep_fd = -1
+        for name in ("fd", "keep_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                try:
+                    os.close(fd)
+                except OSError:
+                    # Linux frees the descriptor even when close reports an
+                    # error (EIO, or ENOTCONN from a dead FUSE/NFS server).
+                    pass
 
 
 def create_filled(path: Path, size: int) -> None:

@@ -309,3 +309,26 @@ def test_help_documents_exit_codes() -> None:
     assert r.returncode == 0
     for code in ("75", "78", "SIGHUP", "SIGTERM"):
         assert code in r.stdout
+
+
+def test_metrics_address_in_use_exits_1_with_one_line(daemons: list[Aiod], tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = start(daemons, tmp_path / "a", base_config())
+    cfg = base_config(metrics={"listen": f"127.0.0.1:{first.port}"})
+    second = Aiod(tmp_path / "b", cfg)
+    rc = second.wait(30)
+    second.stop()
+    assert rc == 1
+    assert f"cannot listen for metrics on 127.0.0.1:{first.port}" in second.log
+    assert "Address already in use" in second.log
+    assert "Traceback" not in second.log
+
+
+def test_missing_config_file_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(AIOD + ["run", "--config", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 78
+    assert "nope.yaml" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
