@@ -111,14 +111,15 @@ class OpTag:
     Reused when an op is resubmitted, so the load loop allocates nothing per op.
     """
 
-    __slots__ = ("job", "stats", "slot", "submitted_ns", "cancel_requested",
+    __slots__ = ("job", "stats", "slot", "submitted_ns", "issued_ns", "cancel_requested",
                  "outcome", "errno", "latency_ns")
 
     def __init__(self) -> None:
         self.job: str | None = None
         self.stats: OpStats | None = None
         self.slot: "_Slot | None" = None
-        self.submitted_ns = 0
+        self.submitted_ns = 0   # before io_submit: latency_ns counts from here
+        self.issued_ns = 0      # after io_submit returned (fio's clat starts here)
         self.cancel_requested = False
         self.outcome: Outcome | None = None
         self.errno = 0
@@ -408,6 +409,9 @@ class Pool:
             tag.cancel_requested = False
             tag.outcome = None
         res = s.ctx.submit(ops)
+        issued = time.perf_counter_ns()
+        for op in res.submitted:
+            op.tag.issued_ns = issued
         n_ok = len(res.submitted)
         n_bad = len(res.failed)
         if n_ok:

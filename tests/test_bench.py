@@ -1,0 +1,78 @@
+"""A quick smoke of `aiod bench` (the benchmarks themselves are in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aiod.bench import hist_index, hist_value, percentiles
+from tests.daemon_harness import AIOD, ROOT
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(AIOD + ["bench", *args], capture_output=True, text=True, env=ENV,
+                          timeout=60)
+
+
+def test_bench_creates_the_target_with_data_and_reports_json(tmp_path: Path) -> None:
+    target = tmp_path / "b.dat"
+    r = bench(f"--target={target}", "--size=8M", "--runtime=1s", "--iodepth=8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["iops"] > 0 and out["bw_bytes"] == pytest.approx(out["iops"] * 4096, rel=0.01)
+    assert out["cpu_seconds"] > 0
+    lat = out["latency_ns"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99_9"]
+    acct = out["accounting"]
+    assert acct["balanced"] and acct["in_flight"] == 0 and acct["failed"] == 0
+    assert acct["completed"] >= out["ios"]
+    data = target.read_bytes()
+    assert len(data) == 8 << 20 and data.count(b"\0" * 4096) == 0
+
+
+def test_bench_refuses_to_overwrite_an_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "users.dat"
+    original = os.urandom(1 << 20)
+    target.write_bytes(original)
+    r = bench(f"--target={target}", "--rw=randwrite", "--size=1M", "--runtime=1s")
+    assert r.returncode == 2
+    assert "--allow-overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert target.read_bytes() == original
+    r = bench(f"--target={target}", "--rw=randwrite", "--size=1M", "--runtime=1s",
+              "--allow-overwrite", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ios"] > 0 and target.read_bytes() != original
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--bs=1000"], "multiple of 512"),
+    (["--iodepth=0"], "--iodepth"),
+    (["--runtime=soon"], "soon"),
+])
+def test_bench_bad_arguments_give_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    r = bench(f"--target={tmp_path / 'x.dat'}", "--size=1M", *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_missing_directory_is_one_line(tmp_path: Path) -> None:
+    r = bench(f"--target={tmp_path / 'no' / 'x.dat'}", "--size=1M", "--runtime=1s")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_histogram_buckets_are_within_two_percent() -> None:
+    for ns in [1, 50, 127, 128, 1000, 25_000, 123_456, 10**9, 7 * 10**10]:
+        v = hist_value(hist_index(ns))
+        assert abs(v - ns) <= max(1.0, ns * 0.016), (ns, v)
+    hist: dict[int, int] = {}
+    for ns in range(1000, 101000, 1000):  # 1..100 us, uniform
+        hist[hist_index(ns)] = hist.get(hist_index(ns), 0) + 1
+    p = percentiles(hist, (50.0, 99.0))
+    assert p[50.0] == pytest.approx(50_000, rel=0.02)
+    assert p[99.0] == pytest.approx(99_000, rel=0.02)
