@@ -10,7 +10,18 @@ from typing import Any, Iterator
 import pytest
 
 from tests.daemon_harness import Aiod
-from tests.faults.faultfs import FaultFS, faultfs  # noqa: F401
+from tests.faultfs import FaultFS, FaultFSUnavailable, mount_faultfs
+
+
+@pytest.fixture
+def faultfs(tmp_path: Path) -> Iterator[FaultFS]:
+    """One request at a time, like a single disk: slow reads finish one after
+    another (a drain that keeps making progress)."""
+    try:
+        with mount_faultfs(tmp_path, max_threads=1) as fs:
+            yield fs
+    except FaultFSUnavailable as e:
+        pytest.skip(str(e))
 
 
 def config(job: dict[str, Any], **shutdown: str) -> dict[str, Any]:
