@@ -24,7 +24,7 @@ import platform
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 __all__ = [
     "AioError", "Buffer", "Context", "IOCB", "IoEvent", "Op", "SubmitResult",
@@ -107,6 +107,7 @@ assert IOCB.aio_buf.offset == 24 and IOCB.aio_flags.offset == 56
 
 # io_event unpacked in bulk: data, obj, res, res2.
 _EVENT = struct.Struct("=QQqq")
+_addressof = ctypes.addressof
 
 # --- syscall numbers ---------------------------------------------------------
 _SYSCALLS = {
@@ -261,7 +262,7 @@ class Op:
         self._iov = iov
         self.res: int | None = None
         self.res2: int | None = None
-        self.tag: object = None
+        self.tag: Any = None  # the pool's OpTag; Any keeps this layer free of pool types
 
     @property
     def opcode(self) -> int:
@@ -379,6 +380,7 @@ class Context:
         self._cancel_event = IoEvent()
         self._timeout = Timespec()
         self._timeout_addr = ctypes.addressof(self._timeout)
+        self._timeout_value: float | None = None  # what _timeout holds now
         self.eventfd: int | None = None
         self._owns_eventfd = eventfd is True
         if eventfd is not True and eventfd is not False:
@@ -416,11 +418,15 @@ class Context:
         errno is learned, and the rest of the batch goes on. EAGAIN (no room
         in the ring) is not an op's fault: the remainder is handed back.
         """
-        self._check_live("io_submit")
+        if self.destroyed:
+            self._check_live("io_submit")
         ops = list(ops)
-        result = SubmitResult()
         inflight = self._inflight
         efd = self.eventfd
+        # One pass fills each iocb and collects its address (hot path: no
+        # per-op ctypes array stores; the pointer array is filled by slices).
+        addrs: list[ctypes.c_void_p | int | None] = []
+        add = addrs.append
         for op in ops:
             key = id(op)
             if key in inflight:
@@ -430,14 +436,28 @@ class Context:
             if efd is not None:
                 cb.aio_flags |= IOCB_FLAG_RESFD
                 cb.aio_resfd = efd
-        ptrs = self._ptrs
-        i, n = 0, len(ops)
+            add(_addressof(cb))
+        n = len(ops)
         cap = self.nr_events
+        ptrs = self._ptrs
+        if 0 < n <= cap:
+            # The common case: the whole batch fits and the kernel takes it all.
+            ptrs[:n] = addrs
+            got = _sys_submit(NR_IO_SUBMIT, self.id, n, self._ptrs_addr)
+            if got == n:
+                inflight.update(zip(map(id, ops), ops))
+                return SubmitResult(ops, [], [])
+            i = 0
+        else:
+            got = i = 0
+        result = SubmitResult()
+        first = True
         while i < n:
-            chunk = ops[i:i + cap]
-            for j, op in enumerate(chunk):
-                ptrs[j] = ctypes.addressof(op.iocb)
-            got = _sys_submit(NR_IO_SUBMIT, self.id, len(chunk), self._ptrs_addr)
+            if not first:
+                m = min(n - i, cap)
+                ptrs[:m] = addrs[i:i + m]
+                got = _sys_submit(NR_IO_SUBMIT, self.id, m, self._ptrs_addr)
+            first = False
             if got < 0:
                 err = ctypes.get_errno()
                 if err == _errno.EAGAIN or err == _errno.EINTR:
@@ -447,9 +467,9 @@ class Context:
                 result.failed.append((ops[i], err))
                 i += 1
                 continue
-            for op in chunk[:got]:
-                inflight[id(op)] = op
-            result.submitted.extend(chunk[:got])
+            went = ops[i:i + got]
+            inflight.update(zip(map(id, went), went))
+            result.submitted.extend(went)
             i += got
         return result
 
@@ -460,7 +480,8 @@ class Context:
         Returns the completed ops with ``res``/``res2`` set. A signal that
         interrupts the wait returns what has arrived (possibly nothing).
         """
-        self._check_live("io_getevents")
+        if self.destroyed:
+            self._check_live("io_getevents")
         done: list[Op] = []
         if self._pending:
             for op, res, res2 in self._pending:
@@ -474,13 +495,15 @@ class Context:
         if timeout is None:
             taddr = None
         else:
-            t = self._timeout
-            if timeout < 0:
-                timeout = 0.0
-            t.tv_sec = int(timeout)
-            t.tv_nsec = int((timeout - int(timeout)) * 1e9)
+            if timeout != self._timeout_value:
+                t = self._timeout
+                if timeout < 0:
+                    timeout = 0.0
+                t.tv_sec = int(timeout)
+                t.tv_nsec = int((timeout - int(timeout)) * 1e9)
+                self._timeout_value = timeout
             taddr = self._timeout_addr
-        got = _sys_getevents(NR_IO_GETEVENTS, self.id, min(min_nr, cap), cap,
+        got = _sys_getevents(NR_IO_GETEVENTS, self.id, min_nr if min_nr < cap else cap, cap,
                              self._events_addr, taddr)
         if got < 0:
             err = ctypes.get_errno()

@@ -224,7 +224,10 @@ class MetricsServer:
         self._httpd = Server((host, port), Handler)
         self.host = host
         self.port = self._httpd.server_address[1]
+        # serve_forever checks for shutdown every poll_interval: the default
+        # 0.5 s would be most of a fast SIGTERM-to-exit.
         self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
                                         name="metrics-http", daemon=True)
 
     @property

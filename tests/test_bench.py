@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from aiod import bench as bench_mod
 from aiod.bench import hist_index, hist_value, percentiles
 from tests.daemon_harness import AIOD, ROOT
 
@@ -55,6 +58,7 @@ def test_bench_refuses_to_overwrite_an_existing_file(tmp_path: Path) -> None:
     (["--bs=1000"], "multiple of 512"),
     (["--iodepth=0"], "--iodepth"),
     (["--runtime=soon"], "soon"),
+    (["--iodepth=4", "--iodepth-batch=8"], "--iodepth-batch"),
 ])
 def test_bench_bad_arguments_give_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     r = bench(f"--target={tmp_path / 'x.dat'}", "--size=1M", *args)
@@ -76,3 +80,31 @@ def test_histogram_buckets_are_within_two_percent() -> None:
     p = percentiles(hist, (50.0, 99.0))
     assert p[50.0] == pytest.approx(50_000, rel=0.02)
     assert p[99.0] == pytest.approx(99_000, rel=0.02)
+
+
+def test_bench_in_process_randrw_buffered_with_small_submits(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="aiod")
+    bench_mod.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", f"--target={tmp_path / 'rw.dat'}", "--rw=randrw",
+                              "--size=4M", "--runtime=300ms", "--iodepth=8",
+                              "--iodepth-batch=2", "--buffered", "--json"])
+    assert bench_mod.run(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ios"] > 0 and out["errors"] == 0 and not out["direct"]
+    assert out["accounting"]["balanced"] and out["accounting"]["completed"] >= out["ios"]
+    for key in ("latency_ns", "total_latency_ns"):
+        assert set(out[key]) == {"p50", "p90", "p99", "p99_9"}
+    # clat starts after io_submit returns, lat before it: clat <= lat.
+    assert out["latency_ns"]["p50"] <= out["total_latency_ns"]["p50"] * 1.02
+
+
+def test_fold_puts_each_op_in_its_clat_and_lat_bucket() -> None:
+    raw: Counter[tuple[int, int, int]] = Counter()
+    raw.update([(1000, 4000, 50_000)] * 3 + [(2000, 2500, 120_000)])
+    hist: dict[int, int] = {}
+    lhist: dict[int, int] = {}
+    bench_mod._fold(raw, hist, lhist)
+    assert not raw
+    assert hist == {hist_index(47_000): 3, hist_index(119_500): 1}
+    assert lhist == {hist_index(50_000): 3, hist_index(120_000): 1}
