@@ -151,16 +151,27 @@ def create_filled(path: Path, size: int) -> None:
     os.close(fd)
 
 
+def _stat_existing(path: Path) -> os.stat_result | None:
+    """The target's stat, or None when it is missing and may be created."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise TargetError("missing", f"cannot create {path}: directory {path.parent} "
+                              "does not exist", _errno.ENOENT) from None
+        return None
+    except OSError as e:
+        raise TargetError(_reason(e.errno or 0), f"cannot stat {path}: {e.strerror}", e.errno) from e
+
+
 def open_target(path: Path, *, size: int, block_size: int, direct: bool,
                 needs_write: bool, allow_write: bool, owned: OwnedFiles | None) -> OpenTarget:
     """Create (when missing) and open a job's target. Raises TargetError."""
     created = False
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if not path.parent.is_dir():
-            raise TargetError("missing", f"cannot create {path}: directory {path.parent} "
-                              "does not exist", _errno.ENOENT)
+    existing = _stat_existing(path)
+    if existing is not None:
+        st = existing
+    else:
         create_filled(path, size)
         created = True
         st = os.stat(path)
@@ -170,8 +181,6 @@ def open_target(path: Path, *, size: int, block_size: int, direct: bool,
             except OSError as e:
                 raise TargetError(_reason(e.errno or 0),
                                   f"cannot record {path} as aiod's own: {e.strerror}", e.errno) from e
-    except OSError as e:
-        raise TargetError(_reason(e.errno or 0), f"cannot stat {path}: {e.strerror}", e.errno) from e
     is_block = stat.S_ISBLK(st.st_mode)
     if not is_block and not stat.S_ISREG(st.st_mode):
         raise TargetError("not_a_file", f"{path} is neither a regular file nor a block device")
@@ -211,12 +220,10 @@ def open_fifo(path: Path) -> OpenTarget:
     it holds AIO capacity in use, which is how shutdown and capacity are tested.
     """
     created = False
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if not path.parent.is_dir():
-            raise TargetError("missing", f"cannot create {path}: directory {path.parent} "
-                              "does not exist", _errno.ENOENT)
+    existing = _stat_existing(path)
+    if existing is not None:
+        st = existing
+    else:
         try:
             os.mkfifo(path, 0o640)
         except OSError as e:
@@ -224,8 +231,6 @@ def open_fifo(path: Path) -> OpenTarget:
                               e.errno) from e
         created = True
         st = os.stat(path)
-    except OSError as e:
-        raise TargetError(_reason(e.errno or 0), f"cannot stat {path}: {e.strerror}", e.errno) from e
     if not stat.S_ISFIFO(st.st_mode):
         raise TargetError("not_a_fifo", f"{path} is not a FIFO (op: poll needs one)")
     try:
