@@ -18,7 +18,7 @@ Sender = Callable[[str], object]
 
 def _systemd_sender() -> Sender | None:
     try:
-        from systemd import daemon
+        from systemd import daemon  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover - systemd-python is a dependency
         return None
     return daemon.notify  # type: ignore[no-any-return]

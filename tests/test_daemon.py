@@ -332,3 +332,21 @@ def test_missing_config_file_is_a_config_error_not_a_traceback(tmp_path: Path) -
     assert r.returncode == 78
     assert "nope.yaml" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_during_startup_still_shuts_down_cleanly(tmp_path: Path) -> None:
+    # A 256 MiB target to create keeps startup busy; TERM arrives in the middle.
+    cfg = base_config(jobs=[{"name": "big", "pool": "default", "type": "probe",
+                             "target": "big.dat", "size": "256MiB"}])
+    d = Aiod(tmp_path, cfg)
+    try:
+        d.wait_until(lambda: (d.state / "big.dat").exists(), timeout=30,
+                     what="the target's creation to start")
+        d.signal(signal.SIGTERM)
+        assert d.wait(60) == 0
+    finally:
+        d.stop()
+    rep = d.report()
+    assert rep["invariant_holds"] and rep["totals"]["in_flight"] == 0
+    assert rep["aio_nr_after_destroy"] == rep["aio_nr_before_start"]
+    assert (d.state / "big.dat").stat().st_size == 256 << 20
