@@ -26,7 +26,6 @@ import enum
 import errno as _errno
 import heapq
 import logging
-import operator
 import os
 import threading
 import time
@@ -37,7 +36,6 @@ from aiod import aio
 from aiod.lifecycle import ContextState, LifecycleRecord, RecordSnapshot
 
 log = logging.getLogger("aiod.pool")
-_tag_of = operator.attrgetter("tag")
 
 # Prometheus histogram bounds for op latency, in seconds.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -413,8 +411,6 @@ class Pool:
             tag.outcome = None
         res = s.ctx.submit(ops)
         issued = time.perf_counter_ns()
-        for tag in map(_tag_of, res.submitted):
-            tag.issued_ns = issued
         n_ok = len(res.submitted)
         n_bad = len(res.failed)
         if n_ok:
@@ -435,11 +431,10 @@ class Pool:
             s.record.add_rejected(n_bad, msg)
         if n_ok:
             with self._stats_lock:
-                if n_ok == len(ops) and n_ok > 1 and ops[0].tag.stats is ops[-1].tag.stats:
-                    ops[0].tag.stats.submitted += n_ok
-                else:
-                    for op in res.submitted:
-                        op.tag.stats.submitted += 1
+                for op in res.submitted:
+                    tag = op.tag
+                    tag.issued_ns = issued
+                    tag.stats.submitted += 1
         return res.unsubmitted
 
     # -------------------------------------------------------------------- reap

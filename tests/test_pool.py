@@ -270,3 +270,17 @@ def test_snapshot_is_a_copy() -> None:
     snap = rec.snapshot()
     rec.add_submitted(3)
     assert snap.submitted == 0 and rec.snapshot().in_flight == 3
+
+
+def test_a_mixed_batch_counts_each_op_under_its_own_series(direct_file: tuple[int, Path]) -> None:
+    fd, _ = direct_file
+    p = Pool("mixed", 1, 16)
+    # First and last are reads, the middle one a write: every op counts once
+    # under its own (job, op) series.
+    ops = [aio.read(fd, 4096, 0), aio.write(fd, b"w" * 4096, 4096), aio.read(fd, 4096, 8192)]
+    assert p.submit(ops, job="rw") == []
+    reap_until(p, 3)
+    p.close()
+    stats = {st.op: st for st in p.snapshot().stats}
+    assert (stats["read"].submitted, stats["read"].completed) == (2, 2)
+    assert (stats["write"].submitted, stats["write"].completed) == (1, 1)
