@@ -27,6 +27,7 @@ import errno as _errno
 import heapq
 import logging
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -476,7 +477,6 @@ class Pool:
 
     def _wait_any(self, live: list[_Slot], timeout: float | None) -> None:
         if self.eventfd is not None:
-            import select
             select.select([self.eventfd], [], [], timeout)
         else:
             # Without an eventfd, wait on the first context only; the others
