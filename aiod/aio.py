@@ -440,24 +440,16 @@ class Context:
         n = len(ops)
         cap = self.nr_events
         ptrs = self._ptrs
-        if 0 < n <= cap:
-            # The common case: the whole batch fits and the kernel takes it all.
-            ptrs[:n] = addrs
-            got = _sys_submit(NR_IO_SUBMIT, self.id, n, self._ptrs_addr)
-            if got == n:
-                inflight.update(zip(map(id, ops), ops))
-                return SubmitResult(ops, [], [])
-            i = 0
-        else:
-            got = i = 0
         result = SubmitResult()
-        first = True
+        i = 0
         while i < n:
-            if not first:
-                m = min(n - i, cap)
-                ptrs[:m] = addrs[i:i + m]
-                got = _sys_submit(NR_IO_SUBMIT, self.id, m, self._ptrs_addr)
-            first = False
+            m = min(n - i, cap)
+            ptrs[:m] = addrs[i:i + m]
+            got = _sys_submit(NR_IO_SUBMIT, self.id, m, self._ptrs_addr)
+            if got == n:  # the common case: the whole batch in one call
+                inflight.update(zip(map(id, ops), ops))
+                result.submitted = ops
+                return result
             if got < 0:
                 err = ctypes.get_errno()
                 if err == _errno.EAGAIN or err == _errno.EINTR:
