@@ -38,13 +38,11 @@ from typing import Any
 
 from aiod import aio
 from aiod.config import parse_duration, parse_size
+from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
 from aiod.pool import Outcome, Pool, PoolCapacityError, PoolError
 from aiod.targets import TargetError, create_filled
 
-EXIT_USAGE = 2
-EXIT_TEMPFAIL = 75  # the kernel refused the AIO contexts (fs.aio-max-nr)
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
-_SUB = 64  # histogram sub-buckets per power of two
 
 
 class BenchError(Exception):
@@ -395,9 +393,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_TEMPFAIL
     except (aio.AioError, PoolError) as e:
         print(f"aiod bench: {e}", file=sys.stderr)
-        return EXIT_TEMPFAIL if getattr(e, "errno", None) == errno.EAGAIN else 1
+        return EXIT_TEMPFAIL if getattr(e, "errno", None) == errno.EAGAIN else EXIT_FAILURE
     if args.json:
         print(json.dumps(result))
     else:
         print(_human(result))
-    return 0 if result["errors"] == 0 else 1
+    return EXIT_OK if result["errors"] == 0 else EXIT_FAILURE

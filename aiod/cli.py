@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from aiod import __version__, aio
+from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the kernel refused the AIO resources asked for
-EXIT_CONFIG = 78    # EX_CONFIG: the configuration is invalid
+if TYPE_CHECKING:
+    from aiod.config import Config
 
 EPILOG = """\
 exit codes:
@@ -58,13 +57,20 @@ def smoke() -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
-def check_config(path: str) -> int:
+def load_config(path: str | None) -> "Config | None":
+    """The configuration, or None after printing one line per problem."""
     from aiod.config import ConfigError, load
     try:
-        cfg = load(path)
+        return load(path)
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
+        return None
+
+
+def check_config(path: str) -> int:
+    cfg = load_config(path)
+    if cfg is None:
         return EXIT_CONFIG
     print(f"{path}: ok ({len(cfg.pools)} pools, {len(cfg.jobs)} jobs)")
     return EXIT_OK
@@ -72,13 +78,9 @@ def check_config(path: str) -> int:
 
 def run(config_path: str | None) -> int:
     from aiod import logs
-    from aiod.config import ConfigError, load
     from aiod.daemon import Daemon
-    try:
-        cfg = load(config_path)
-    except ConfigError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
+    cfg = load_config(config_path)
+    if cfg is None:
         return EXIT_CONFIG
     logs.setup(cfg.log_level)
     return Daemon(cfg, config_path=config_path).run()
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench.run(args)
     except aio.AioError as e:
         print(f"aiod: {e}", file=sys.stderr)
-        return EXIT_TEMPFAIL if e.errno == 11 else EXIT_FAILURE
+        return EXIT_TEMPFAIL if e.errno == errno.EAGAIN else EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE

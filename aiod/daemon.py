@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 
 from aiod import __version__, aio, config as config_mod, logs
 from aiod.config import Config, ConfigError, JobConfig
+from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
 from aiod.jobs import Job, JobState
 from aiod.metrics import JobView, MetricsServer, make_registry
 from aiod.notify import Notifier
@@ -34,11 +35,6 @@ from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
 from aiod.targets import OwnedFiles, write_atomic
 
 log = logging.getLogger("aiod.daemon")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_TEMPFAIL = 75
-EXIT_CONFIG = 78
 
 REPORT_FILE = "shutdown-report.json"
 STATUS_INTERVAL = 5.0
@@ -173,7 +169,7 @@ class Daemon:
         job.start()
         with self._state_lock:
             self.jobs[jc.name] = job
-        for op in job._ops:
+        for op in job.ops:
             self._owner[id(op)] = job
         return job
 
@@ -277,7 +273,7 @@ class Daemon:
             self._retire_pools(now)
 
     def _forget_ops(self, job: Job) -> None:
-        for op in job._ops:
+        for op in job.ops:
             if self._owner.get(id(op)) is job:
                 del self._owner[id(op)]
         if job.name not in self.jobs:  # removed, not restarted under the same name

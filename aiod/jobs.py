@@ -143,8 +143,10 @@ class Job:
             self.state = JobState.STOPPED
         return self.state is JobState.STOPPED
 
-    def owns(self, op: aio.Op) -> bool:
-        return any(op is o for o in self._ops)
+    @property
+    def ops(self) -> list[aio.Op]:
+        """Every op this job owns (the daemon maps completions back by them)."""
+        return self._ops
 
     # ------------------------------------------------------------------ I/O
     def _next_op(self) -> aio.Op | None:

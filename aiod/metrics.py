@@ -20,7 +20,6 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from aiod import __version__
-from aiod.lifecycle import ContextState
 from aiod.pool import LATENCY_BUCKETS, PoolSnapshot
 
 

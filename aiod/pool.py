@@ -333,10 +333,6 @@ class Pool:
     def in_flight(self) -> int:
         return sum(s.ctx.in_flight for s in self._slots)
 
-    @property
-    def capacity(self) -> int:
-        return len(self._active) * self.nr_events
-
     def contexts(self) -> list[aio.Context]:
         return [s.ctx for s in self._active]
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
