@@ -251,12 +251,12 @@ class Job:
             return
         limit_ns = int(self.cfg.timeout * 1e9)
         now_ns = time.perf_counter_ns()
+        # In flight = not in a free list (a refused op is back in one).
+        free = {id(op) for ops in self._free.values() for op in ops}
         for op in self._ops:
-            tag = op.tag
-            if (tag is None or tag.outcome is not None or tag.slot is None
-                    or id(op) in self._flagged or not tag.submitted_ns):
+            if id(op) in free or id(op) in self._flagged:
                 continue
-            if now_ns - tag.submitted_ns > limit_ns and _is_in_flight(op):
+            if now_ns - op.tag.submitted_ns > limit_ns:
                 self._flagged.add(id(op))
                 self.timeouts += 1
                 log.warning("job %s: %s on %s has been in flight for more than %gs "
@@ -290,9 +290,3 @@ def _kind(op: aio.Op) -> str:
     if code == aio.IOCB_CMD_POLL:
         return "poll"
     return "read"
-
-
-def _is_in_flight(op: aio.Op) -> bool:
-    tag = op.tag
-    return tag is not None and tag.slot is not None and tag.outcome is None and op.res is None
-
