@@ -29,7 +29,7 @@ from aiod import __version__, aio, config as config_mod, logs
 from aiod.config import Config, ConfigError, JobConfig
 from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
 from aiod.jobs import Job, JobState
-from aiod.metrics import JobView, MetricsServer, make_registry
+from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
 from aiod.targets import OwnedFiles, write_atomic
@@ -599,7 +599,6 @@ def _totals_text(t: Mapping[str, int]) -> str:
 
 
 def _pool_report(s: PoolSnapshot) -> dict[str, object]:
-    from aiod.metrics import errno_name
     return {
         "name": s.name,
         "nr_events": s.nr_events,
