@@ -232,8 +232,14 @@ def booted(suite: str, *, src: Path, python: str,
             time.sleep(0.1)
         c.leader = leader
 
-        left = max(5.0, deadline - time.monotonic())
-        r = c.sh("systemctl is-system-running --wait", timeout=left)
+        # The leader appears before it listens on its private bus; until then
+        # systemctl answers "Failed to connect to ... bus": ask again.
+        while True:
+            left = max(5.0, deadline - time.monotonic())
+            r = c.sh("systemctl is-system-running --wait", timeout=left)
+            if ("Failed to connect" not in r.stderr or time.monotonic() > deadline):
+                break
+            time.sleep(0.2)
         if r.stdout.strip() not in ("running", "degraded"):
             raise RuntimeError(f"container did not boot: {r.stdout}{r.stderr}\n"
                                + c.sh("systemctl --failed --no-legend").stdout)
