@@ -11,7 +11,8 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from aiod import __version__, aio
-from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
+from aiod.exit_codes import (EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_SERVING, EXIT_OK,
+                             EXIT_TEMPFAIL, EXIT_UNREACHABLE, EXIT_USAGE)
 
 if TYPE_CHECKING:
     from aiod.config import Config
@@ -24,6 +25,13 @@ exit codes:
   75  the kernel refused the AIO resources the configuration asks for;
       the message says how large fs.aio-max-nr must be
   78  invalid configuration; one line per problem on stderr
+
+exit codes of `aiod status`:
+  0   the daemon answered and is serving
+  1   something answered at the URL, but not with an aiod /status document
+  3   the daemon answered but is not serving (starting, draining, I/O loop stalled)
+  69  nothing answered at the URL (not running, wrong address, firewalled)
+  78  the configuration it would read metrics.listen from is invalid
 
 signals (aiod run):
   SIGTERM, SIGINT  drain in-flight I/O (shutdown.drain_timeout), cancel the rest,
@@ -86,6 +94,31 @@ def run(config_path: str | None) -> int:
     return Daemon(cfg, config_path=config_path).run()
 
 
+def status(url: str | None, config_path: str | None, as_json: bool, timeout: float) -> int:
+    import json
+    from aiod.status import BadAnswer, Unreachable, fetch, render, status_url
+    if url is None:
+        cfg = load_config(config_path)
+        if cfg is None:
+            return EXIT_CONFIG
+        target = status_url(None, cfg.metrics.host, cfg.metrics.port)
+    else:
+        target = status_url(url, "", 0)
+    try:
+        doc = fetch(target, timeout)
+    except Unreachable as e:
+        print(f"aiod status: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except BadAnswer as e:
+        print(f"aiod status: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(render(doc))
+    return EXIT_OK if doc.get("serving") else EXIT_NOT_SERVING
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aiod",
@@ -104,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a configuration file (exit 0 or 78)")
     c.add_argument("path")
     sub.add_parser("smoke", help="one O_DIRECT write and read through a kernel context")
+    st = sub.add_parser("status", help="ask the running daemon what it is doing",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                        description="Ask the running aiod, through /status on its metrics "
+                                    "listener, for its pools, contexts, jobs, fs.aio-nr and "
+                                    "last reload.")
+    st.add_argument("--url", metavar="URL",
+                    help="the daemon's metrics listener, e.g. http://127.0.0.1:9740 "
+                         "(default: metrics.listen from the configuration)")
+    st.add_argument("--config", metavar="PATH",
+                    help="read metrics.listen from this file (default: /etc/aiod/aiod.yaml "
+                         "when it exists, else the embedded default)")
+    st.add_argument("--json", action="store_true", help="print the /status JSON document")
+    st.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="how long to wait for an answer (default: 5)")
     try:
         from aiod import bench
     except ImportError:  # pragma: no cover - bench ships with aiod
@@ -122,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.path)
         if args.command == "smoke":
             return smoke()
+        if args.command == "status":
+            return status(args.url, args.config, args.json, args.timeout)
         if args.command == "bench":
             from aiod import bench
             return bench.run(args)

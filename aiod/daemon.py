@@ -32,6 +32,7 @@ from aiod.jobs import Job, JobState
 from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
+from aiod.status import DaemonInfo, RecentLatency, build as build_status
 from aiod.targets import OwnedFiles, write_atomic
 
 log = logging.getLogger("aiod.daemon")
@@ -100,6 +101,9 @@ class Daemon:
         self._heartbeat = clock()
         self._reload_ok = True
         self._reload_ts = 0.0
+        self._reload_attempt_ts = 0.0
+        self._reload_error: str | None = None
+        self._recent = RecentLatency()
         self._next_status = 0.0
         self._next_watchdog = 0.0
         self._state_lock = threading.Lock()  # guards the pool/job maps for scrapes
@@ -131,7 +135,7 @@ class Daemon:
         owned = self._owned(self.cfg.state_directory)
         for jc in self.cfg.jobs:
             self._start_job(jc, owned)
-        self._reload_ts = self.wall()
+        self._reload_ts = self._reload_attempt_ts = self.wall()
         self.phase = Phase.SERVING
         log.info("aiod %s serving: %s; metrics on %s", __version__, self._summary(),
                  self.metrics.url)
@@ -152,7 +156,7 @@ class Daemon:
 
     def _bind_metrics(self, cfg: Config) -> MetricsServer:
         return MetricsServer(cfg.metrics.host, cfg.metrics.port, self._registry,
-                             healthy=self.healthy, ready=self.ready)
+                             healthy=self.healthy, ready=self.ready, status=self.status_json)
 
     def _prepare_state_directory(self, path: Path) -> None:
         try:
@@ -302,6 +306,7 @@ class Daemon:
         """SIGHUP: load the config again and apply it; a bad one changes nothing."""
         self.notifier.reloading()
         source = self.config_path or "the default configuration"
+        self._reload_attempt_ts = self.wall()
         log.info("reloading configuration from %s", source)
         try:
             new = config_mod.load(self.config_path, env=self.env)
@@ -309,12 +314,14 @@ class Daemon:
         except (ConfigError, StartupError, PoolError, OSError) as e:
             self._reload_ok = False
             first = str(e).splitlines()
+            self._reload_error = "; ".join(first) or type(e).__name__
             for line in first:
                 log.error("reload failed, keeping the running configuration: %s", line)
             self.notifier.ready(f"reload failed ({first[0] if first else e}); "
                                 f"{self._status_line()}")
             return False
         self._reload_ok = True
+        self._reload_error = None
         self._reload_ts = self.wall()
         log.info("configuration reloaded: %s", self._summary())
         self.notifier.ready(self._status_line())
@@ -553,7 +560,9 @@ class Daemon:
     def pool_snapshots(self) -> list[PoolSnapshot]:
         with self._state_lock:
             pools = list(self.pools.values()) + [r.pool for r in self._retiring_pools]
-        return [p.snapshot() for p in pools]
+        snaps = [p.snapshot() for p in pools]
+        self._recent.observe(self.wall(), snaps)  # scrapes keep `aiod status` latency recent
+        return snaps
 
     def job_views(self) -> list[JobView]:
         with self._state_lock:
@@ -570,6 +579,21 @@ class Daemon:
 
     def reload_status(self) -> tuple[bool, float]:
         return self._reload_ok, self._reload_ts
+
+    def daemon_info(self) -> DaemonInfo:
+        cfg = self.cfg
+        kinds: dict[str, dict[str, object]] = {
+            j.name: {"type": j.type, "op": j.op, "target": str(j.target),
+                     "timeout_seconds": j.timeout} for j in cfg.jobs}
+        return DaemonInfo(phase=self.phase.value, serving=self.ready(), healthy=self.healthy(),
+                          started_at=self.started_at, config_source=cfg.source,
+                          reload_successful=self._reload_ok, reload_success_at=self._reload_ts,
+                          reload_attempted_at=self._reload_attempt_ts,
+                          reload_error=self._reload_error, job_kinds=kinds)
+
+    def status_json(self) -> bytes:
+        """The /status document; runs on the HTTP thread, from copies like a scrape."""
+        return (json.dumps(build_status(self, self._recent, self.wall), indent=1) + "\n").encode()
 
     def _summary(self) -> str:
         contexts = sum(p.size for p in self.pools.values())

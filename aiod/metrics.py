@@ -183,10 +183,11 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class MetricsServer:
-    """Serves /metrics, /healthz and /readyz on a thread of its own."""
+    """Serves /metrics, /healthz, /readyz and /status on a thread of its own."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 healthy: Callable[[], bool], ready: Callable[[], bool]) -> None:
+                 healthy: Callable[[], bool], ready: Callable[[], bool],
+                 status: Callable[[], bytes] | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         class Server(_Server):
@@ -204,8 +205,10 @@ class MetricsServer:
                 elif path == "/readyz":
                     ok = ready()
                     self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                elif path == "/status" and status is not None:
+                    self._reply(200, status(), "application/json")
                 elif path == "/":
-                    self._reply(200, b"aiod: see /metrics, /healthz, /readyz\n")
+                    self._reply(200, b"aiod: see /metrics, /healthz, /readyz, /status\n")
                 else:
                     self._reply(404, b"not found\n")
 
