@@ -568,7 +568,8 @@ class Daemon:
         with self._state_lock:
             jobs = list(self.jobs.values())
         return [JobView(name=j.name, pool=j.pool.name, state=j.state.value,
-                        errors=dict(j.errors), timeouts=j.timeouts, skipped=j.skipped)
+                        errors=dict(j.errors), timeouts=j.timeouts, skipped=j.skipped,
+                        type=j.cfg.type, op=j.cfg.op, timeout=j.cfg.timeout)
                 for j in jobs]
 
     def aio_usage(self) -> tuple[int, int]:

@@ -33,6 +33,9 @@ class JobView:
     errors: dict[str, int] = field(default_factory=dict)
     timeouts: int = 0
     skipped: int = 0
+    type: str = ""          # probe or load
+    op: str = ""            # the configured op (randread, write, ...)
+    timeout: float = 0.0    # seconds an op may be in flight before it counts as hung
 
 
 class Source(Protocol):
@@ -93,6 +96,16 @@ class AiodCollector:
                                         labels=["pool", "job", "op"])
         failed = CounterMetricFamily("aiod_ops_failed", "Operations that failed, by errno.",
                                      labels=["pool", "job", "op", "errno"])
+        # The errno-labelled series above appear only with their first failure,
+        # and increase() cannot see that first step. These have no label known
+        # only at failure time, so they exist at zero from the start.
+        failed_any = CounterMetricFamily("aiod_ops_failed_any",
+                                         "Operations that failed, any errno (aiod_ops_failed_total "
+                                         "summed over errno, exported at zero).",
+                                         labels=["pool", "job", "op"])
+        setup_fail_any = CounterMetricFamily("aiod_context_setup_failures_any",
+                                             "io_setup calls that failed, any errno (exported "
+                                             "at zero).", labels=["pool"])
         latency = HistogramMetricFamily("aiod_op_latency_seconds",
                                         "Operation latency from submit to completion.",
                                         labels=["pool", "job", "op"], unit="")
@@ -107,6 +120,7 @@ class AiodCollector:
             destroy_fail.add_metric([p.name], p.destroy_failures)
             for err, n in sorted(p.setup_failures.items()):
                 setup_fail.add_metric([p.name, errno_name(err)], n)
+            setup_fail_any.add_metric([p.name], sum(p.setup_failures.values()))
             for st in p.stats:
                 labels = [p.name, st.job, st.op]
                 submitted.add_metric(labels, st.submitted)
@@ -114,6 +128,7 @@ class AiodCollector:
                 cancelled.add_metric(labels, st.cancelled)
                 for err, n in sorted(st.failed.items()):
                     failed.add_metric(labels + [errno_name(err)], n)
+                failed_any.add_metric(labels, sum(st.failed.values()))
                 cumulative, buckets = 0, []
                 for bound, n in zip(LATENCY_BUCKETS, st.buckets):
                     cumulative += n
@@ -124,7 +139,7 @@ class AiodCollector:
                     last_completion[st.job] = max(last_completion.get(st.job, 0.0),
                                                   st.last_completion)
         yield from (contexts, in_flight, oldest, setups, destroys, destroy_fail, setup_fail,
-                    submitted, completed, cancelled, failed, latency)
+                    setup_fail_any, submitted, completed, cancelled, failed, failed_any, latency)
 
         last = GaugeMetricFamily("aiod_job_last_completion_timestamp_seconds",
                                  "Unix time of the job's last completed operation "
@@ -134,6 +149,13 @@ class AiodCollector:
         errors = CounterMetricFamily("aiod_job_errors", "Job errors that are not an operation's "
                                      "own outcome (target missing, permission, full disk, "
                                      "refused write), by reason.", labels=["job", "reason"])
+        errors_any = CounterMetricFamily("aiod_job_errors_any", "Job errors, any reason "
+                                         "(exported at zero).", labels=["job"])
+        job_info = GaugeMetricFamily("aiod_job_info", "The job's configuration; always 1.",
+                                 labels=["job", "pool", "type", "op"])
+        timeout = GaugeMetricFamily("aiod_job_timeout_seconds", "How long an operation of the "
+                                    "job may be in flight before it counts as hung.",
+                                    labels=["job", "pool"])
         timeouts = CounterMetricFamily("aiod_job_op_timeouts", "Operations still in flight past "
                                        "the job's timeout (hung I/O).", labels=["job"])
         skipped = CounterMetricFamily("aiod_job_skipped_ops", "Operations not issued because "
@@ -143,9 +165,12 @@ class AiodCollector:
             up.add_metric([j.name, j.pool], 1 if j.state == "running" else 0)
             for reason, n in sorted(j.errors.items()):
                 errors.add_metric([j.name, reason], n)
+            errors_any.add_metric([j.name], sum(j.errors.values()))
+            job_info.add_metric([j.name, j.pool, j.type, j.op], 1)
+            timeout.add_metric([j.name, j.pool], j.timeout)
             timeouts.add_metric([j.name], j.timeouts)
             skipped.add_metric([j.name], j.skipped)
-        yield from (last, up, errors, timeouts, skipped)
+        yield from (last, up, errors, errors_any, job_info, timeout, timeouts, skipped)
 
         nr, max_nr = src.aio_usage()
         g = GaugeMetricFamily("aiod_kernel_aio_nr", "fs.aio-nr: AIO events allocated system-wide.")

@@ -44,8 +44,10 @@ def exposition(direct_file: tuple[int, Path]) -> bytes:
     pool.drain(5)
     pool.cancel()
     pool.destroy(5)
-    src = FakeSource([pool], [JobView("probe", "default", "running", {"missing": 1}, 0, 2),
-                              JobView("idle", "default", "error")])
+    src = FakeSource([pool], [JobView("probe", "default", "running", {"missing": 1}, 0, 2,
+                                      type="probe", op="randread", timeout=5.0),
+                              JobView("idle", "default", "error", type="load", op="write",
+                                      timeout=2.5)])
     return generate_latest(make_registry(src))  # type: ignore[arg-type]
 
 
@@ -68,6 +70,31 @@ def test_every_required_family_is_exposed(exposition: bytes) -> None:
     assert 'aiod_contexts{pool="default",state="failed"} 0.0' in text
     assert 'aiod_job_last_completion_timestamp_seconds{job="idle"} 0.0' in text
     assert 'aiod_job_errors_total{job="probe",reason="missing"} 1.0' in text
+
+
+def test_failure_counters_have_a_companion_that_exists_at_zero(exposition: bytes) -> None:
+    """The errno/reason-labelled series appear with their first failure, which
+    increase() cannot see; each has a companion without that label, exported
+    at zero before anything fails, so an alert sees the first step 0 -> 1."""
+    text = exposition.decode()
+    # no failure yet: present, at zero
+    assert 'aiod_ops_failed_any_total{job="idle",op="write",pool="default"} 0.0' in text
+    assert 'aiod_ops_failed_any_total{job="probe",op="read",pool="default"} 0.0' in text
+    assert 'aiod_job_errors_any_total{job="idle"} 0.0' in text
+    assert 'aiod_context_setup_failures_any_total{pool="default"} 0.0' in text
+    # ...while the errno-labelled counter has no series for them at all
+    assert not [line for line in text.splitlines()
+                if line.startswith("aiod_ops_failed_total{") and 'job="idle"' in line]
+    # the failure that happened: the companion carries it too
+    assert 'aiod_ops_failed_any_total{job="probe",op="fsync",pool="default"} 1.0' in text
+    assert 'aiod_job_errors_any_total{job="probe"} 1.0' in text
+
+
+def test_job_configuration_is_exported_for_the_alert_rules(exposition: bytes) -> None:
+    text = exposition.decode()
+    assert 'aiod_job_info{job="probe",op="randread",pool="default",type="probe"} 1.0' in text
+    assert 'aiod_job_timeout_seconds{job="probe",pool="default"} 5.0' in text
+    assert 'aiod_job_timeout_seconds{job="idle",pool="default"} 2.5' in text
 
 
 def test_promtool_check_metrics_is_clean(exposition: bytes) -> None:
