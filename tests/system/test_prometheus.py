@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from tests.faultfs import FaultFS, FaultFSUnavailable, mount_faultfs
 from tests.system.support import (REPO, aiod_yaml, ensure_tools, free_port, http_get,
                                   wait_for)
 
@@ -179,3 +181,221 @@ def test_prometheus_scrapes_aiod(prometheus_tools: None, workdir: Path) -> None:
     report = json.loads((state / "shutdown-report.json").read_text())
     t = report["totals"]
     assert t["in_flight"] == 0 and t["submitted"] == t["completed"] + t["cancelled"] + t["failed"]
+
+
+# ------------------------------------------------ dashboard and alert queries
+RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+DASHBOARD = REPO / "deploy" / "grafana" / "aiod.json"
+# What Grafana puts in place of the dashboard's variables against this
+# Prometheus: $__rate_interval is 4 x the 1 s scrape interval.
+GRAFANA_VARIABLES = {"$__rate_interval": "4s", "$job": "aiod", "$instance": ".+",
+                     "$pool": ".+", "$aiod_job": ".+"}
+
+
+def grafana_substitute(expr: str) -> str:
+    for var, value in sorted(GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(var, value)
+    assert "$" not in expr, f"a dashboard variable the test does not know: {expr}"
+    return expr
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of every panel."""
+    doc = json.loads(DASHBOARD.read_text())
+    found: list[tuple[str, str]] = []
+    for p in doc["panels"]:
+        for q in [p] + p.get("panels", []):
+            found += [(q["title"], grafana_substitute(t["expr"])) for t in q.get("targets", [])]
+    assert found
+    return found
+
+
+def dashboard_label_queries() -> list[tuple[str, str, str]]:
+    """(variable, label, series selector) of every label_values() variable."""
+    doc = json.loads(DASHBOARD.read_text())
+    found = []
+    for v in doc["templating"]["list"]:
+        if v["type"] != "query":
+            continue
+        q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+        m = re.fullmatch(r"label_values\((.+), (\w+)\)", q)
+        assert m, f"variable {v['name']}: not a label_values() query: {q}"
+        found.append((v["name"], m.group(2), grafana_substitute(m.group(1))))
+    return found
+
+
+def alert_rules() -> list[tuple[str, str]]:
+    return [(r["alert"], r["expr"]) for g in yaml.safe_load(RULES.read_text())["groups"]
+            for r in g["rules"] if "alert" in r]
+
+
+def with_data(expr: str) -> str:
+    """The alert expression in a form that returns its series whether or not
+    the alert's condition holds: every comparison outside label matchers gets
+    `bool` (the value becomes 0 or 1 instead of the series being dropped), and
+    absent(x), which has data exactly when x has none, becomes count(x)."""
+    out: list[str] = []
+    depth, i, quote = 0, 0, ""
+    while i < len(expr):
+        c = expr[i]
+        if quote:
+            quote = "" if c == quote and expr[i - 1] != "\\" else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif depth == 0:
+            m = re.match(r"==|!=|>=|<=|>|<", expr[i:])
+            if m:
+                out.append(m.group(0))
+                i += len(m.group(0))
+                if not re.match(r"\s*bool\b", expr[i:]):
+                    out.append(" bool")
+                continue
+        out.append(c)
+        i += 1
+    return re.sub(r"\babsent\(", "count(", "".join(out))
+
+
+def test_with_data_form() -> None:
+    assert with_data('up{job="aiod"} == 0') == 'up{job="aiod"} == bool 0'
+    assert with_data('a{x!="1"} > on (i) b') == 'a{x!="1"} > bool on (i) b'
+    assert with_data("(x > 300) and on (j) y") == "(x > bool 300) and on (j) y"
+    assert with_data('absent(up{job="aiod"})') == 'count(up{job="aiod"})'
+
+
+def test_every_dashboard_and_alert_query_returns_data(prometheus_tools: None,
+                                                      workdir: Path) -> None:
+    """A real aiod with a healthy probe, a load, a probe whose reads fail with
+    EIO (FUSE) and one whose target is missing; a real Prometheus scraping it
+    with rules.yml loaded. Every dashboard query, dashboard variable and alert
+    expression must parse and return data; the rules evaluate without error,
+    and the alerts this setup provokes do fire."""
+    try:
+        with mount_faultfs(workdir, max_threads=8) as fs:
+            _dashboard_and_alerts_against(workdir, fs)
+    except FaultFSUnavailable as e:
+        pytest.skip(f"no FUSE fault injection here: {e}")
+
+
+def _dashboard_and_alerts_against(workdir: Path, fs: FaultFS) -> None:
+    aiod_port, prom_port = free_port(), free_port()
+    while prom_port == aiod_port:
+        prom_port = free_port()
+    state = workdir / "state"
+    state.mkdir()
+    config = workdir / "aiod.yaml"
+    config.write_text(aiod_yaml(aiod_port, contexts=CONTEXTS, iodepth=4,
+                                state_directory=str(state), extra=f"""\
+  - {{name: failing, pool: default, type: probe, target: "{fs.path('eio.dat')}",
+     op: randread, block_size: 4KiB, direct: true, rate: 20/s, timeout: 5s}}
+  - {{name: gone, pool: default, type: probe, target: "{workdir}/no/such/dir/x.dat",
+     op: randread, block_size: 4KiB, direct: true, rate: 20/s, timeout: 5s}}
+"""))
+    shutil.copy(RULES, workdir / "rules.yml")
+    scrape = yaml.safe_load(SCRAPE_CONFIG.read_text())
+    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "aiod"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{aiod_port}"]}]
+    scrape["rule_files"] = [str(workdir / "rules.yml")]
+    prom_config = workdir / "prometheus.yml"
+    prom_config.write_text(yaml.safe_dump(scrape))
+    r = subprocess.run(["promtool", "check", "config", str(prom_config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC", "WATCHDOG_PID",
+                        "STATE_DIRECTORY", "LISTEN_FDS", "LISTEN_PID")}
+    aiod_log, prom_log = workdir / "aiod.log", workdir / "prometheus.log"
+    aiod: subprocess.Popen[bytes] | None = None
+    prom: subprocess.Popen[bytes] | None = None
+    aiod_rc: int | None = None
+    try:
+        with open(aiod_log, "wb") as log:
+            aiod = subprocess.Popen([str(aiod_command()), "run", "--config", str(config)],
+                                    stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env)
+        with open(prom_log, "wb") as log:
+            prom = subprocess.Popen(
+                ["prometheus", f"--config.file={prom_config}",
+                 f"--storage.tsdb.path={workdir / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+        started_aiod, started_prom = aiod, prom
+
+        def ready(name: str, proc: subprocess.Popen[bytes], url: str) -> bool:
+            assert proc.poll() is None, f"{name} exited {proc.returncode} before it was ready"
+            got = http_get(url, timeout=2)
+            return got is not None and got[0] == 200
+        wait_for("aiod /readyz", lambda: ready(
+            "aiod", started_aiod, f"http://127.0.0.1:{aiod_port}/readyz"), 30)
+        wait_for("Prometheus /-/ready", lambda: ready(
+            "prometheus", started_prom, f"http://127.0.0.1:{prom_port}/-/ready"), 60)
+
+        def empty(queries: list[tuple[str, str]]) -> list[str]:
+            return [f"{name}: {q}" for name, q in queries if not query(prom_port, q)]
+
+        # Every panel's query parses (query() asserts status success) and
+        # returns series, once a few scrapes fill the 4 s rate windows.
+        panels = dashboard_queries()
+        try:
+            wait_for("every dashboard query to return data",
+                     lambda: not empty(panels) or None, 60, interval=1)
+        except AssertionError:
+            raise AssertionError("dashboard queries without data:\n"
+                                 + "\n".join(empty(panels))) from None
+
+        # The dashboard's variables list values
+        for name, label, selector in dashboard_label_queries():
+            got = http_get(f"http://127.0.0.1:{prom_port}/api/v1/label/{label}/values?"
+                           + urllib.parse.urlencode({"match[]": selector}))
+            assert got is not None and got[0] == 200, got
+            assert json.loads(got[1])["data"], f"variable {name}: no values for {selector}"
+
+        # Every alert expression returns its series (in the form that keeps
+        # them whatever the threshold says)
+        alerts = [(name, with_data(expr)) for name, expr in alert_rules()]
+        try:
+            wait_for("every alert expression to return data",
+                     lambda: not empty(alerts) or None, 60, interval=1)
+        except AssertionError:
+            raise AssertionError("alert expressions without data:\n"
+                                 + "\n".join(empty(alerts))) from None
+
+        # Prometheus evaluates the rules as written, without error
+        def rules_evaluated() -> list[dict[str, Any]] | None:
+            got = http_get(f"http://127.0.0.1:{prom_port}/api/v1/rules")
+            assert got is not None and got[0] == 200, got
+            rules = [r for g in json.loads(got[1])["data"]["groups"] for r in g["rules"]]
+            done = all(r.get("lastEvaluation", "").startswith("20") for r in rules)
+            return rules if rules and done else None
+        rules = wait_for("the rules to be evaluated", rules_evaluated, 30, interval=0.5)
+        assert {r["name"] for r in rules} == {name for name, _ in alert_rules()}
+        for r in rules:
+            assert r["health"] == "ok", (r["name"], r.get("lastError"))
+
+        # The alerts this aiod provokes: reads failing with EIO fire at once
+        # (the first failure counts); the probe whose target is missing has
+        # never completed and is pending (a failed read is a completion: that
+        # probe is failing, not stalled).
+        wait_for("AiodOpsFailing{errno=EIO} firing", lambda: query(
+            prom_port, 'ALERTS{alertname="AiodOpsFailing", alertstate="firing", '
+                       'errno="EIO", exported_job="failing"}'), 30, interval=0.5)
+        stalled = query(prom_port, 'ALERTS{alertname="AiodProbeStalled"}')
+        assert {s["metric"]["exported_job"] for s in stalled} == {"gone"}
+        assert not query(prom_port, 'ALERTS{alertname=~"AiodDown|AiodNotScraped|AiodHungIO|'
+                                    'AiodReloadFailed|AiodContextDestroyFailed"}')
+    finally:
+        if prom is not None:
+            stop(prom, 30)
+        if aiod is not None:
+            aiod_rc = stop(aiod, 60)
+        print("--- aiod ---\n" + aiod_log.read_text(errors="replace")[-4000:]
+              if aiod_log.exists() else "")
+        print("--- prometheus ---\n" + prom_log.read_text(errors="replace")[-2000:]
+              if prom_log.exists() else "")
+    assert aiod_rc == 0, f"aiod exited {aiod_rc} on SIGTERM"
+    report = json.loads((state / "shutdown-report.json").read_text())
+    assert report["invariant_holds"]
