@@ -130,6 +130,15 @@ def test_probes_port_and_grace_period_match_the_config() -> None:
     assert service["spec"]["selector"] == daemonset()["spec"]["selector"]["matchLabels"]
 
 
+def test_the_image_tag_is_aiod_s_version() -> None:
+    from aiod import __version__
+    (image,) = kustomization()["images"]
+    assert image == {"name": "aiod", "newTag": __version__}
+    (c,) = daemonset()["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == f"aiod:{__version__}"
+    assert "ENTRYPOINT [\"/opt/aiod/bin/aiod\"]" in (K8S.parent / "Containerfile").read_text()
+
+
 def test_probe_targets_live_on_a_host_path() -> None:
     cfg = load(K8S / "aiod.yaml")
     spec = daemonset()["spec"]["template"]["spec"]
