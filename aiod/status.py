@@ -124,7 +124,8 @@ def quantile(q: float, buckets: list[int]) -> float | None:
     return LATENCY_BUCKETS[-1]
 
 
-def build(source: StatusSource, recent: RecentLatency, wall: Callable[[], float]) -> dict[str, object]:
+def build(source: StatusSource, recent: RecentLatency,
+          wall: Callable[[], float]) -> dict[str, object]:
     """The /status document."""
     pools = source.pool_snapshots()
     jobs = source.job_views()

@@ -373,8 +373,8 @@ def _dashboard_and_alerts_against(workdir: Path, fs: FaultFS) -> None:
             return rules if rules and done else None
         rules = wait_for("the rules to be evaluated", rules_evaluated, 30, interval=0.5)
         assert {r["name"] for r in rules} == {name for name, _ in alert_rules()}
-        for r in rules:
-            assert r["health"] == "ok", (r["name"], r.get("lastError"))
+        for rule in rules:
+            assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
 
         # The alerts this aiod provokes: reads failing with EIO fire at once
         # (the first failure counts); the probe whose target is missing has
