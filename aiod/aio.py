@@ -406,6 +406,21 @@ class Context:
     def inflight_ops(self) -> list[Op]:
         return list(self._inflight.values())
 
+    def oldest_inflight(self) -> Op | None:
+        """The op submitted longest ago that is still in flight, without a walk.
+
+        ``_inflight`` is filled in submit order and an op leaves it when it
+        completes (a resubmitted op goes to the end), so its first entry is
+        the oldest. Safe from another thread (a metrics scrape): the lookup is
+        a few C calls, and a change under it is retried, then given up.
+        """
+        for _ in range(3):
+            try:
+                return next(iter(self._inflight.values()), None)
+            except RuntimeError:  # the I/O loop changed it between iter() and next()
+                continue
+        return None
+
     def _check_live(self, what: str) -> None:
         if self.destroyed:
             raise AioError(what, _errno.EINVAL, "context already destroyed")

@@ -156,7 +156,8 @@ class Daemon:
 
     def _bind_metrics(self, cfg: Config) -> MetricsServer:
         return MetricsServer(cfg.metrics.host, cfg.metrics.port, self._registry,
-                             healthy=self.healthy, ready=self.ready, status=self.status_json)
+                             healthy=self.healthy, ready=self.ready, status=self.status_json,
+                             render_key=self.reload_status)
 
     def _prepare_state_directory(self, path: Path) -> None:
         try:

@@ -3,6 +3,10 @@
 The collector owns no counters. At scrape time it asks the daemon for
 snapshots (copied under the pools' locks) and formats them outside any lock,
 so a scrape never slows the I/O loop by more than the copy.
+
+Rendering still runs Python code that shares the GIL with the I/O loop, so
+scrapes share renderings (:class:`SharedRender`): however many clients
+scrape, rendering takes a bounded share of the process's time.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import errno as _errno
 import http.server
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Hashable, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -201,44 +206,174 @@ def make_registry(source: Source) -> CollectorRegistry:
     return registry
 
 
+# ------------------------------------------------------------ shared render
+class SharedRender:
+    """One rendering of /metrics shared by every scrape within its window.
+
+    A rendering is reused for ``cost_factor`` times what it took to make,
+    never longer than ``max_window`` seconds: rendering then takes at most
+    about 1/(cost_factor + 1) of one thread's time, whether one client
+    scrapes back to back or twenty do. A scrape that arrives while a
+    rendering is under way waits for that one instead of starting another.
+    When ``key()`` changes (the daemon passes its reload status) the next
+    scrape renders anew, so a reload shows in the very next scrape.
+    """
+
+    def __init__(self, render: Callable[[], bytes], *,
+                 key: Callable[[], Hashable] = lambda: None,
+                 max_window: float = 1.0, cost_factor: float = 20.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._render = render
+        self._key = key
+        self.max_window = max_window
+        self.cost_factor = cost_factor
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._body: bytes | None = None
+        self._body_key: Hashable = None
+        self._expires = 0.0
+        self._rendering = False
+        self._generation = 0    # renderings finished so far
+        self.renders = 0        # how many renderings were made (tests, benchmarks)
+        self.shared = 0         # how many scrapes were answered with another's rendering
+
+    def get(self) -> bytes:
+        with self._cond:
+            arrived = self._generation
+            while True:
+                body = self._body
+                if body is not None and self._body_key == self._key() and (
+                        self._clock() < self._expires or self._generation != arrived):
+                    # Fresh, or finished while this scrape waited for it.
+                    self.shared += 1
+                    return body
+                if not self._rendering:
+                    break
+                self._cond.wait()
+            self._rendering = True
+            key = self._key()
+        t0 = self._clock()
+        try:
+            body = self._render()
+        except BaseException:
+            with self._cond:
+                self._rendering = False
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            now = self._clock()
+            self._body, self._body_key = body, key
+            self._expires = now + min(self.max_window, (now - t0) * self.cost_factor)
+            self._rendering = False
+            self._generation += 1
+            self.renders += 1
+            self._cond.notify_all()
+        return body
+
+
 # ---------------------------------------------------------------- HTTP server
+Response = tuple[int, bytes, str]   # status, body, Content-Type
+Route = Callable[[], Response]
+
+TEXT = "text/plain; charset=utf-8"
+LISTEN_BACKLOG = 512        # many scrapers connecting at once queue instead of SYN-retrying
+IDLE_TIMEOUT = 30.0         # an idle or stalled connection is closed after this long
+MAX_CONNECTIONS = 1024      # connections served at once (a thread each); beyond, 503 and close
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, address: tuple[str, int],
+                 handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        # One thread per connection, but never more than max_connections:
+        # a flood of idle connections must not cost a thread each.
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\nRetry-After: 1\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[arg-type]
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket,  # type: ignore[override]
+                               client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[arg-type]
+        finally:
+            self._slots.release()
 
 
 class MetricsServer:
-    """Serves /metrics, /healthz, /readyz and /status on a thread of its own."""
+    """Serves /metrics, /healthz, /readyz, /status (and any added route) on threads of its own.
+
+    HTTP/1.1 with keep-alive, so Prometheus reuses its connection; a
+    connection idle for ``idle_timeout`` is closed, and at most
+    ``max_connections`` are served at once.
+    """
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
                  healthy: Callable[[], bool], ready: Callable[[], bool],
-                 status: Callable[[], bytes] | None = None) -> None:
+                 status: Callable[[], bytes] | None = None, *,
+                 render_key: Callable[[], Hashable] = lambda: None,
+                 idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_render_window: float = 1.0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.render = SharedRender(lambda: generate_latest(registry), key=render_key,
+                                   max_window=max_render_window)
+        self.routes: dict[str, Route] = {}
+
+        def health() -> Response:
+            ok = healthy()
+            return (200 if ok else 503), (b"ok\n" if ok else b"I/O loop stalled\n"), TEXT
+
+        def readiness() -> Response:
+            ok = ready()
+            return (200 if ok else 503), (b"ready\n" if ok else b"not ready\n"), TEXT
+
+        self.add_route("/metrics", lambda: (200, self.render.get(), CONTENT_TYPE_LATEST))
+        self.add_route("/healthz", health)
+        self.add_route("/readyz", readiness)
+        if status is not None:
+            self.add_route("/status", lambda: (200, status(), "application/json"))
+        routes = self.routes
 
         class Server(_Server):
             address_family = family
 
+        Server.max_connections = max_connections
+
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = idle_timeout
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    body = generate_latest(registry)
-                    self._reply(200, body, CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok = healthy()
-                    self._reply(200 if ok else 503, b"ok\n" if ok else b"I/O loop stalled\n")
-                elif path == "/readyz":
-                    ok = ready()
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                elif path == "/status" and status is not None:
-                    self._reply(200, status(), "application/json")
+                route = routes.get(path)
+                if route is not None:
+                    self._reply(*route())
                 elif path == "/":
-                    self._reply(200, b"aiod: see /metrics, /healthz, /readyz, /status\n")
+                    names = ", ".join(sorted(routes))
+                    self._reply(200, f"aiod: see {names}\n".encode(), TEXT)
                 else:
-                    self._reply(404, b"not found\n")
+                    self._reply(404, b"not found\n", TEXT)
 
-            def _reply(self, code: int, body: bytes,
-                       ctype: str = "text/plain; charset=utf-8") -> None:
+            def _reply(self, code: int, body: bytes, ctype: str) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -256,6 +391,10 @@ class MetricsServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.05},
                                         name="metrics-http", daemon=True)
+
+    def add_route(self, path: str, route: Route) -> None:
+        """Serve GET path with route() -> (status, body, Content-Type), on an HTTP thread."""
+        self.routes[path] = route
 
     @property
     def url(self) -> str:

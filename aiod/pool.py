@@ -782,12 +782,12 @@ class Pool:
         oldest = 0.0
         now = time.perf_counter_ns()
         for s in live:
-            # list() of a dict's values runs without releasing the GIL, so it is
-            # a consistent copy even while the I/O loop submits and reaps.
-            for op in list(s.ctx._inflight.values()):
-                tag = op.tag
-                if tag is not None and tag.submitted_ns:
-                    oldest = max(oldest, (now - tag.submitted_ns) / 1e9)
+            # One look per context, not a walk of every op in flight: a scrape
+            # must cost the I/O loop (which shares the GIL) next to nothing.
+            op = s.ctx.oldest_inflight()
+            tag = op.tag if op is not None else None
+            if tag is not None and tag.submitted_ns:
+                oldest = max(oldest, (now - tag.submitted_ns) / 1e9)
         with self._counts_lock:
             return PoolSnapshot(
                 name=self.name,

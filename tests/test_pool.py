@@ -284,3 +284,30 @@ def test_a_mixed_batch_counts_each_op_under_its_own_series(direct_file: tuple[in
     stats = {st.op: st for st in p.snapshot().stats}
     assert (stats["read"].submitted, stats["read"].completed) == (2, 2)
     assert (stats["write"].submitted, stats["write"].completed) == (1, 1)
+
+
+def test_oldest_in_flight_follows_the_oldest_op_still_in_flight() -> None:
+    # Polls on separate pipes, so each can be completed on its own, in any order.
+    pipes = [os.pipe() for _ in range(3)]
+    p = Pool("oldest", 1, 8)
+    try:
+        assert p.snapshot().oldest_in_flight_seconds == 0.0
+        first = aio.poll(pipes[0][0])
+        p.submit([first], job="j")
+        time.sleep(0.3)
+        t_younger = time.monotonic()
+        p.submit([aio.poll(pipes[1][0]), aio.poll(pipes[2][0])], job="j")
+        assert p.snapshot().oldest_in_flight_seconds >= 0.3
+        os.write(pipes[0][1], b"x")  # the oldest completes; the younger ones are left
+        assert [op is first for op in reap_until(p, 1)] == [True]
+        age = p.snapshot().oldest_in_flight_seconds
+        assert 0 < age <= time.monotonic() - t_younger
+        # Resubmitted, the op is the youngest now, not the oldest.
+        os.read(pipes[0][0], 1)
+        p.submit([first], job="j")
+        assert p.snapshot().oldest_in_flight_seconds <= time.monotonic() - t_younger
+    finally:
+        p.close()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
