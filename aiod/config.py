@@ -19,6 +19,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,6 +39,9 @@ JOB_TYPES = ("probe", "load")
 # in flight. Not in the original schema; aiod.jobs implements it.
 JOB_OPS = ("read", "randread", "write", "randwrite", "randrw", "fsync", "poll")
 WRITE_OPS = frozenset({"write", "randwrite", "randrw"})
+
+# A real configuration is a few KiB (50 pools and 50 jobs: about 10 KiB).
+MAX_CONFIG_BYTES = 1 << 20
 
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_METRICS_HOST = "127.0.0.1"  # loopback: exposing metrics is an opt-in
@@ -676,9 +680,20 @@ def embedded_default_text() -> str:
 
 
 def read_text(path: Path) -> str:
-    """A file's text, or ConfigError with one line saying why it cannot be read."""
+    """A file's text, or ConfigError with one line saying why it cannot be read.
+
+    Bounded by MAX_CONFIG_BYTES: parsing YAML costs about 9 s and 100 MB of
+    memory per MB, and a reload must not stall the daemon on a runaway file.
+    """
     try:
-        data = path.read_bytes()
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        size = st.st_size  # 0 for a pipe (check-config /dev/stdin): the read bounds it
+        if size <= MAX_CONFIG_BYTES:
+            with path.open("rb") as f:
+                data = f.read(MAX_CONFIG_BYTES + 1)  # it may have grown since the stat
+            size = len(data)
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
     except IsADirectoryError:
@@ -687,6 +702,9 @@ def read_text(path: Path) -> str:
         raise ConfigError([f"{path}: cannot read the file: permission denied"]) from None
     except OSError as e:
         raise ConfigError([f"{path}: cannot read the file: {e.strerror or e}"]) from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: the file is {size} bytes; a configuration may be at most "
+                           f"{MAX_CONFIG_BYTES} bytes (1 MiB)"])
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

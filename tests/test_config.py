@@ -329,9 +329,10 @@ def test_unreadable_files_give_one_clear_line(tmp_path: Path, make: object,
 def test_an_unreadable_file_says_permission_denied(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # Simulated: chmod 0 does not stop root, and tests may run as root.
-    def refuse(self: Path) -> bytes:
+    def refuse(self: Path, *args: object, **kw: object) -> bytes:
         raise PermissionError(13, "Permission denied", str(self))
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    (tmp_path / "aiod.yaml").write_text(POOL)
+    monkeypatch.setattr(Path, "open", refuse)
     with pytest.raises(ConfigError) as info:
         config.load(tmp_path / "aiod.yaml", env=ENV)
     assert info.value.problems == [f"{tmp_path / 'aiod.yaml'}: cannot read the file: "
@@ -365,3 +366,32 @@ def test_any_text_gives_a_config_or_a_config_error(text: str) -> None:
         parse(text, "fuzz.yaml", env=ENV, home=Path("/h"))
     except ConfigError as e:
         assert e.problems
+
+
+# --- size bound -------------------------------------------------------------------
+
+def test_a_config_over_1_mib_is_refused_in_one_line_without_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    # Valid YAML all the way: only the size is wrong.
+    path.write_text(POOL + "# " + "x" * config.MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, env=ENV)
+    (problem,) = info.value.problems
+    size = path.stat().st_size
+    assert problem == (f"{path}: the file is {size} bytes; a configuration may be at most "
+                       f"1048576 bytes (1 MiB)")
+
+
+def test_a_config_of_exactly_1_mib_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    head = POOL + "# "
+    path.write_text(head + "x" * (config.MAX_CONFIG_BYTES - len(head) - 1) + "\n")
+    assert path.stat().st_size == config.MAX_CONFIG_BYTES
+    assert config.load(path, env=ENV).pools[0].name == "default"
+
+
+def test_an_endless_stream_as_config_is_cut_at_1_mib() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load("/dev/zero", env=ENV)
+    (problem,) = info.value.problems
+    assert problem.startswith("/dev/zero: the file is 1048577 bytes")

@@ -1,0 +1,78 @@
+"""Limits the daemon and its commands refuse in one line: config size, kernel caps, ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from aiod import config
+from tests.daemon_harness import AIOD, ROOT, Aiod
+
+
+def base_config(**over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "log_level": "info",
+        "shutdown": {"drain_timeout": "2s", "destroy_timeout": "10s"},
+        "pools": [{"name": "default", "contexts": 1, "nr_events": 8}],
+        "jobs": [{"name": "probe", "pool": "default", "type": "probe", "target": "probe.dat",
+                  "size": "1MiB", "rate": "100/s"}],
+    }
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Aiod]]:
+    started: list[Aiod] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def start(daemons: list[Aiod], tmp: Path, cfg: dict[str, Any]) -> Aiod:
+    d = Aiod(tmp, cfg)
+    daemons.append(d)
+    d.wait_ready()
+    return d
+
+
+def aiod(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(AIOD + list(args), capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def oversized(path: Path, cfg: dict[str, Any]) -> None:
+    """A valid configuration padded with a comment past 1 MiB."""
+    path.write_text(yaml.safe_dump(cfg) + "# " + "x" * config.MAX_CONFIG_BYTES + "\n")
+
+
+# --- config size ------------------------------------------------------------------
+
+def test_check_config_and_run_refuse_a_config_over_1_mib_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    oversized(path, base_config(state_directory=str(tmp_path / "state")))
+    for args in (["check-config", str(path)], ["run", "--config", str(path)]):
+        r = aiod(*args)
+        assert r.returncode == 78, r.stderr
+        assert r.stderr.splitlines() == [
+            f"{path}: the file is {path.stat().st_size} bytes; a configuration may be at "
+            "most 1048576 bytes (1 MiB)"], r.stderr
+
+
+def test_a_reload_of_a_config_over_1_mib_keeps_the_running_one(
+        daemons: list[Aiod], tmp_path: Path) -> None:
+    d = start(daemons, tmp_path, base_config())
+    oversized(d.config_path, d.config)
+    d.signal(signal.SIGHUP)
+    d.wait_until(lambda: "reload failed" in d.log, what="the reload to fail")
+    failed = [ln for ln in d.log.splitlines() if "reload failed" in ln]
+    assert len(failed) == 1 and "at most 1048576 bytes (1 MiB)" in failed[0], failed
+    d.wait_until(lambda: d.metric_sum("aiod_config_last_reload_successful") == 0)
+    assert d.get("/healthz")[0] == 200
+    assert d.stop() == 0
