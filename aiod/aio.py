@@ -60,6 +60,12 @@ RWF_APPEND = 0x00000010
 
 PAGE_SIZE = mmap.PAGESIZE
 
+# The most events one context can have. io_setup doubles nr_events (half the
+# ring may sit in other CPUs' per-CPU counters) and refuses a ring over
+# 0x10000000 bytes of io_events with EINVAL, whatever fs.aio-max-nr says
+# (fs/aio.c: ioctx_alloc). tests/test_aio.py finds it on the running kernel.
+MAX_NR_EVENTS = 0x10000000 // 32 // 2   # 4194304
+
 
 class IOCB(ctypes.Structure):
     """struct iocb. aio_key/aio_rw_flags order is the little-endian one."""

@@ -29,6 +29,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from aiod.aio import MAX_NR_EVENTS
+
 DEFAULT_PATH = Path("/etc/aiod/aiod.yaml")
 EMBEDDED_SOURCE = "<embedded default>"
 
@@ -399,12 +401,16 @@ class _Section:
         return self._get(key, default, convert, required)
 
     def integer(self, key: str, default: int | None = None, *, minimum: int,
+                maximum: tuple[int, str] | None = None,
                 required: str | None = None) -> int | None:
+        """maximum: (the largest value, why: a phrase that follows the number)."""
         def convert(node: Node, value: object) -> int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"expected a whole number >= {minimum}, found {_describe(node)}")
             if value < minimum:
                 raise ValueError(f"expected a whole number >= {minimum}, found {value}")
+            if maximum is not None and value > maximum[0]:
+                raise ValueError(f"expected at most {maximum[0]}, {maximum[1]}, found {value}")
             return value
         return self._get(key, default, convert, required)
 
@@ -583,7 +589,10 @@ def _pools(top: _Section, section: _SectionFactory,
         contexts = sec.integer("contexts", minimum=1, required="how many kernel AIO "
                                "contexts the pool owns, e.g. 'contexts: 4'")
         nr_events = sec.integer("nr_events", minimum=1, required="how many operations "
-                                "each context holds, e.g. 'nr_events: 128'")
+                                "each context holds, e.g. 'nr_events: 128'",
+                                maximum=(MAX_NR_EVENTS, "the kernel's limit per context "
+                                         "(io_setup refuses more with EINVAL, whatever "
+                                         "fs.aio-max-nr is)"))
         if name is None:
             continue
         if name in declared:

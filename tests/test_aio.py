@@ -273,3 +273,33 @@ def test_context_reports_in_flight_count_on_real_usage(pipe: tuple[int, int]) ->
         assert len(reap_all(ctx, 5)) == 5
         assert ctx.in_flight == 0
     assert aio_nr() == before
+
+
+def _setup_errno(n: int) -> int:
+    """io_setup(n)'s errno, or 0 when it worked (the context is destroyed at once)."""
+    try:
+        ctx_id = aio.io_setup(n)
+    except aio.AioError as e:
+        return e.errno or 0
+    aio.io_destroy(ctx_id)
+    return 0
+
+
+def test_the_per_context_event_cap_is_exactly_max_nr_events() -> None:
+    # The kernel checks the cap (EINVAL) before fs.aio-max-nr (EAGAIN), so with
+    # aio-max-nr below 1<<20 every probe here fails without allocating a ring.
+    # Above that, probing would allocate rings of up to 256 MiB and hold a large
+    # share of a system-wide limit: skip instead.
+    max_nr = aio.system_aio_usage()[1]
+    if max_nr >= 1 << 20:
+        pytest.skip(f"fs.aio-max-nr is {max_nr}: probing would really allocate huge rings")
+    lo, hi = 1 << 20, 1 << 24     # EAGAIN at lo, EINVAL at hi (measured on this machine)
+    assert _setup_errno(lo) == errno.EAGAIN
+    assert _setup_errno(hi) == errno.EINVAL
+    while hi - lo > 1:            # the smallest n that gives EINVAL is hi
+        mid = (lo + hi) // 2
+        if _setup_errno(mid) == errno.EINVAL:
+            hi = mid
+        else:
+            lo = mid
+    assert lo == aio.MAX_NR_EVENTS, f"this kernel's cap is {lo}, aiod assumes {aio.MAX_NR_EVENTS}"

@@ -76,3 +76,19 @@ def test_a_reload_of_a_config_over_1_mib_keeps_the_running_one(
     d.wait_until(lambda: d.metric_sum("aiod_config_last_reload_successful") == 0)
     assert d.get("/healthz")[0] == 200
     assert d.stop() == 0
+
+
+# --- nr_events above the kernel's per-context cap -----------------------------------
+
+@pytest.mark.parametrize("nr_events", [8388608, 99999999999999999999])
+def test_check_config_refuses_nr_events_above_the_kernel_cap_with_78(
+        tmp_path: Path, nr_events: int) -> None:
+    path = tmp_path / "cap.yaml"
+    path.write_text(f"state_directory: {tmp_path}\n"
+                    f"pools:\n  - {{name: p, contexts: 1, nr_events: {nr_events}}}\n")
+    for args in (["check-config", str(path)], ["run", "--config", str(path)]):
+        r = aiod(*args)
+        assert r.returncode == 78, r.stderr
+        (line,) = r.stderr.splitlines()
+        assert f"nr_events: expected at most 4194304, the kernel's limit per context" in line
+        assert f"found {nr_events}" in line
