@@ -243,6 +243,31 @@ def aligned_buffer(size: int, alignment: int = PAGE_SIZE) -> Buffer:
     return Buffer(size)
 
 
+# O_DIRECT's smallest alignment. A size that is a multiple of the page size
+# keeps every buffer of a slab page-aligned; any other size can only work on
+# a device with 512-byte logical blocks, which is what 512 gives.
+SLAB_ALIGNMENT = 512
+
+
+def aligned_buffers(count: int, size: int) -> list[Buffer]:
+    """count buffers of size bytes carved from one mapping (a slab), each aligned for O_DIRECT.
+
+    One mapping per buffer runs into vm.max_map_count (65530 by default): a
+    randrw job at iodepth 33000 needs 66000 buffers. A slab is one mapping
+    however many buffers it holds. Raises MemoryError when the memory cannot
+    be mapped.
+    """
+    if count <= 0:
+        return []
+    stride = -(-size // SLAB_ALIGNMENT) * SLAB_ALIGNMENT
+    try:
+        slab = Buffer(stride * count)
+    except OSError as e:
+        raise MemoryError(f"cannot map {count} buffers of {size} bytes "
+                          f"({stride * count} bytes): {e.strerror}") from None
+    return [slab.slice(i * stride, size) for i in range(count)]
+
+
 class Op:
     """One operation: its iocb and the buffers the kernel will touch.
 

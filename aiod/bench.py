@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from aiod import aio
-from aiod.config import parse_duration, parse_size
+from aiod.config import parse_duration, parse_size, physical_memory
 from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
 from aiod.pool import Outcome, Pool, PoolCapacityError, PoolError
 from aiod.targets import TargetError, create_filled
@@ -143,6 +143,12 @@ def _settings(args: argparse.Namespace) -> Settings:
                          "and --iodepth")
     if runtime <= 0:
         raise BenchError(f"--runtime {args.runtime}: must be positive")
+    kinds = 2 if args.rw == "randrw" else 1
+    need, have = kinds * args.iodepth * bs, physical_memory()
+    if need > have:
+        raise BenchError(f"--iodepth {args.iodepth} x --bs {args.bs}"
+                         f"{' x 2 (reads and writes)' if kinds == 2 else ''} needs {need} bytes "
+                         f"of I/O buffers, more than this machine's {have} bytes of memory")
     if size < bs:
         raise BenchError(f"--size {args.size}: smaller than one block of {bs} bytes")
     return Settings(target=Path(args.target).absolute(), rw=args.rw, bs=bs, iodepth=args.iodepth,
@@ -214,7 +220,6 @@ _res_of = attrgetter("res")
 def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
     nblocks = usable // s.bs
     per_ctx = -(-s.iodepth // s.contexts)
-    pool = Pool("bench", s.contexts, per_ctx, use_eventfd=s.contexts > 1)
     job = "bench"
     rng = random.Random(0x5EED)
     # A fixed table of random offsets, walked in order: a random draw per op
@@ -224,13 +229,15 @@ def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
     seq = 0
     bs = s.bs
 
-    reads = [aio.read(fd, aio.aligned_buffer(bs), 0) for _ in range(s.iodepth)]
+    # Slabs: one mapping per kind, not per buffer (vm.max_map_count).
+    reads = [aio.read(fd, buf, 0) for buf in aio.aligned_buffers(s.iodepth, bs)]
     writes: list[aio.Op] = []
     if s.rw in ("write", "randwrite", "randrw"):
-        for _ in range(s.iodepth):
-            buf = aio.aligned_buffer(bs)
+        for buf in aio.aligned_buffers(s.iodepth, bs):
             buf.view[:] = rng.randbytes(bs)
             writes.append(aio.write(fd, buf, 0))
+    # After the buffers: a failure to map them must not leave contexts behind.
+    pool = Pool("bench", s.contexts, per_ctx, use_eventfd=s.contexts > 1)
     slots = writes if s.rw in ("write", "randwrite") else reads
     mixed = s.rw == "randrw"
     sequential = s.rw in ("read", "write")
@@ -391,6 +398,9 @@ def run(args: argparse.Namespace) -> int:
     except PoolCapacityError as e:
         print(f"aiod bench: {e}", file=sys.stderr)
         return EXIT_TEMPFAIL
+    except MemoryError as e:
+        print(f"aiod bench: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except (aio.AioError, PoolError) as e:
         print(f"aiod bench: {e}", file=sys.stderr)
         return EXIT_TEMPFAIL if getattr(e, "errno", None) == errno.EAGAIN else EXIT_FAILURE

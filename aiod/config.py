@@ -490,12 +490,24 @@ def _compose(text: str, source: str) -> Node | None:
         raise ConfigError([f"{source}: YAML nested too deeply to be a configuration"]) from None
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (the I/O buffers of every job must fit in it)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def buffer_bytes(op: str, iodepth: int, block_size: int) -> int:
+    """The I/O buffers a job maps: one per op in flight, per kind of op it issues."""
+    kinds = {"randrw": 2, "fsync": 0, "poll": 0}.get(op, 1)
+    return kinds * iodepth * block_size
+
+
 def parse(text: str, source: str, env: Mapping[str, str] | None = None,
-          home: Path | None = None) -> Config:
+          home: Path | None = None, memory: int | None = None) -> Config:
     """Check ``text`` and build a Config, or raise ConfigError with every problem.
 
     ``env`` (default: os.environ) and ``home`` (default: the user's home)
-    only matter when the file has no ``state_directory``.
+    only matter when the file has no ``state_directory``. ``memory``
+    (default: this machine's RAM) bounds the jobs' I/O buffers.
     """
     env = os.environ if env is None else env
     root = _compose(text, source)
@@ -534,7 +546,8 @@ def parse(text: str, source: str, env: Mapping[str, str] | None = None,
                                     parse_duration, _DURATION)
 
     pools, pool_names = _pools(top, section, problems)
-    jobs = _jobs(top, section, problems, pools, pool_names, state_directory)
+    jobs = _jobs(top, section, problems, pools, pool_names, state_directory,
+                 physical_memory() if memory is None else memory)
 
     if problems:
         raise ConfigError(problems.lines())
@@ -607,9 +620,10 @@ def _pools(top: _Section, section: _SectionFactory,
 
 def _jobs(top: _Section, section: _SectionFactory, problems: _Problems,
           pools: dict[str, PoolConfig], pool_names: set[str],
-          state_directory: Path | None) -> list[JobConfig]:
+          state_directory: Path | None, memory: int) -> list[JobConfig]:
     jobs: list[JobConfig] = []
     declared: dict[str, int | None] = {}
+    buffers_total = 0
     for i, item in enumerate(_sequence(top.values.get("jobs"), "jobs", problems)):
         path = f"jobs[{i}]"
         sec = section(item, path, _JOB_KEYS)
@@ -670,6 +684,18 @@ def _jobs(top: _Section, section: _SectionFactory, problems: _Problems,
                 bad("iodepth", f"expected at most {capacity}, the operations pool {pool!r} "
                                f"can hold (contexts x nr_events), found {iodepth}")
 
+        if op is not None and iodepth is not None and block_size is not None:
+            # Refused here rather than failing at start (or in a reload) with
+            # an allocation error: no setting of the kernel's makes RAM appear.
+            need = buffer_bytes(op, iodepth, block_size)
+            buffers_total += need
+            if need > memory:
+                bad("block_size" if "block_size" in vals else "iodepth",
+                    f"{op} at iodepth {iodepth} with block_size {block_size} needs {need} "
+                    f"bytes of I/O buffers, more than this machine's {memory} bytes of memory")
+            elif buffers_total > memory:
+                bad("name", f"the jobs up to this one need {buffers_total} bytes of I/O "
+                            f"buffers, more than this machine's {memory} bytes of memory")
         if (name is None or pool is None or type_ is None or target is None or size is None
                 or op is None or block_size is None or direct is None or rate is None
                 or iodepth is None or timeout is None or allow_write is None

@@ -116,11 +116,13 @@ class Job:
         self._nblocks = max(1, self.target.size // bs) if self.target.size else 1
         depth = max(1, self.cfg.iodepth)
         for kind in self._kinds:
-            for _ in range(depth):
+            # One slab per kind, not a mapping per buffer (vm.max_map_count).
+            bufs = aio.aligned_buffers(depth, bs) if kind in ("read", "write") else []
+            for i in range(depth):
                 if kind == "read":
-                    op = aio.read(fd, aio.aligned_buffer(bs), 0)
+                    op = aio.read(fd, bufs[i], 0)
                 elif kind == "write":
-                    buf = aio.aligned_buffer(bs)
+                    buf = bufs[i]
                     buf.view[:] = self._rng.randbytes(bs)
                     op = aio.write(fd, buf, 0)
                 elif kind == "poll":

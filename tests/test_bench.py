@@ -108,3 +108,13 @@ def test_fold_puts_each_op_in_its_clat_and_lat_bucket() -> None:
     assert not raw
     assert hist == {hist_index(47_000): 3, hist_index(119_500): 1}
     assert lhist == {hist_index(50_000): 3, hist_index(120_000): 1}
+
+
+def test_bench_refuses_buffers_larger_than_memory_in_one_line(tmp_path: Path) -> None:
+    r = bench(f"--target={tmp_path / 'x.dat'}", "--size=1M", "--iodepth=65536", "--bs=1G",
+              "--rw=randrw")
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("aiod bench: --iodepth 65536 x --bs 1G x 2 (reads and writes) needs "
+                           f"{2 * 65536 << 30} bytes of I/O buffers, more than this machine's")
+    assert not (tmp_path / "x.dat").exists()

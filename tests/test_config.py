@@ -395,3 +395,28 @@ def test_an_endless_stream_as_config_is_cut_at_1_mib() -> None:
         config.load("/dev/zero", env=ENV)
     (problem,) = info.value.problems
     assert problem.startswith("/dev/zero: the file is 1048577 bytes")
+
+
+# --- I/O buffers must fit in memory ------------------------------------------------
+
+def test_jobs_whose_buffers_cannot_fit_in_memory_are_refused_in_one_line() -> None:
+    job = ("jobs:\n  - {name: big, pool: default, type: load, target: /var/tmp/x, "
+           "op: randrw, iodepth: 33000, block_size: 1MiB}\n")
+    with pytest.raises(ConfigError) as info:
+        parse(POOL.replace("128", "40000") + job, "t.yaml", env=ENV, memory=16 << 30)
+    (problem,) = info.value.problems
+    assert problem == ("t.yaml:4: jobs[0].block_size: randrw at iodepth 33000 with block_size "
+                       f"1048576 needs {2 * 33000 << 20} bytes of I/O buffers, more than this "
+                       f"machine's {16 << 30} bytes of memory")
+    # The same job fits a machine with more memory.
+    parse(POOL.replace("128", "40000") + job, "t.yaml", env=ENV, memory=128 << 30)
+
+
+def test_jobs_that_fit_one_by_one_but_not_together_are_refused() -> None:
+    jobs = "jobs:\n" + "".join(
+        f"  - {{name: j{i}, pool: default, type: load, target: /var/tmp/x{i}, "
+        f"iodepth: 100, block_size: 1MiB}}\n" for i in range(3))
+    with pytest.raises(ConfigError) as info:
+        parse(POOL + jobs, "t.yaml", env=ENV, memory=250 << 20)
+    (problem,) = info.value.problems
+    assert "jobs[2].name: the jobs up to this one need" in problem

@@ -55,3 +55,37 @@ def test_an_op_in_flight_past_its_timeout_is_flagged_once(tmp_path: Path) -> Non
         if job.target is not None:
             job.target.close()
         os.unlink(fifo)
+
+
+def _mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_a_job_deeper_than_vm_max_map_count_maps_its_buffers_in_slabs(tmp_path: Path) -> None:
+    # 70,000 buffers: one mapping each is past vm.max_map_count (65530 by default),
+    # which failed with ENOMEM (and then SIGABRT in the daemon).
+    cfg = JobConfig(name="deep", pool="p", type="load", target=tmp_path / "deep.dat",
+                    size=1 << 20, op="randread", block_size=4096, direct=True, rate=1.0,
+                    iodepth=70_000, timeout=5.0, allow_write=False)
+    pool = Pool("p", 1, 1)
+    job = Job(cfg, pool, owned=None)
+    before = _mappings()
+    try:
+        assert job.start()
+        assert len(job.ops) == 70_000
+        assert _mappings() - before <= 4
+        # Each buffer is its own page-aligned 4 KiB, fit for O_DIRECT.
+        addrs = sorted(op.iocb.aio_buf for op in job.ops)
+        assert all(a % 4096 == 0 for a in addrs)
+        assert all(b - a >= 4096 for a, b in zip(addrs, addrs[1:]))
+        job.pump(time.monotonic())  # and they work: a real O_DIRECT read into the slab
+        done = []
+        deadline = time.monotonic() + 5
+        while not done and time.monotonic() < deadline:
+            done = pool.reap(timeout=0.1)
+        assert [op.res for op in done] == [4096]
+    finally:
+        pool.close()
+        if job.target is not None:
+            job.target.close()
