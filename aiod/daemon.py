@@ -12,6 +12,7 @@ the drain skips to cancel, HUP reloads (and is ignored during shutdown).
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
@@ -158,6 +159,39 @@ class Daemon:
         return MetricsServer(cfg.metrics.host, cfg.metrics.port, self._registry,
                              healthy=self.healthy, ready=self.ready, status=self.status_json,
                              render_key=self.reload_status)
+
+    def _rebind_metrics(self, old: Config, new: Config) -> tuple[MetricsServer, bool]:
+        """A server bound to new's address, and whether the running one was closed for it.
+
+        The new socket is bound while the old one still listens, so a failure
+        changes nothing. On the same port, though, the two addresses can
+        overlap (127.0.0.1:P then 0.0.0.0:P): then the old server is closed
+        first, and reopened by the caller if the new bind or the reload fails.
+        """
+        where = f"{new.metrics.host}:{new.metrics.port}"
+        try:
+            return self._bind_metrics(new), False
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or new.metrics.port != old.metrics.port:
+                raise StartupError(f"cannot listen for metrics on {where}: {e.strerror}",
+                                   EXIT_FAILURE) from e
+        assert self.metrics is not None
+        self.metrics.close()
+        try:
+            return self._bind_metrics(new), True
+        except OSError as e:
+            self._restore_metrics(old)
+            raise StartupError(f"cannot listen for metrics on {where}: {e.strerror} (also "
+                               f"after closing {old.metrics.host}:{old.metrics.port}, which "
+                               f"overlaps it)", EXIT_FAILURE) from e
+
+    def _restore_metrics(self, old: Config) -> None:
+        try:
+            self.metrics = self._bind_metrics(old)
+            self.metrics.start()
+        except OSError as e:
+            log.error("cannot listen for metrics on %s:%d again: %s; /metrics is down until "
+                      "a reload or restart", old.metrics.host, old.metrics.port, e.strerror)
 
     def _prepare_state_directory(self, path: Path) -> None:
         try:
@@ -336,6 +370,7 @@ class Daemon:
         created: dict[str, Pool] = {}
         grown: list[tuple[Pool, int]] = []
         server: MetricsServer | None = None
+        released = False  # the running metrics server was closed to make room for server
         replaced = {n for n, pc in new_pools.items()
                     if n in old_pools and pc.nr_events != old_pools[n].nr_events}
         try:
@@ -347,12 +382,12 @@ class Daemon:
                     grown.append((pool, pool.size))
                     pool.resize(pc.contexts)
             if (new.metrics.host, new.metrics.port) != (old.metrics.host, old.metrics.port):
-                try:
-                    server = self._bind_metrics(new)
-                except OSError as e:
-                    raise StartupError(f"cannot listen for metrics on {new.metrics.host}:"
-                                       f"{new.metrics.port}: {e.strerror}", EXIT_FAILURE) from e
+                server, released = self._rebind_metrics(old, new)
         except BaseException:
+            if server is not None:
+                server.close()
+            if released:
+                self._restore_metrics(old)
             for pool in created.values():
                 pool.close()
             for pool, size in grown:
@@ -364,7 +399,8 @@ class Daemon:
         owned = self._owned(new.state_directory)
         if server is not None:
             assert self.metrics is not None
-            self.metrics.close()
+            if not released:
+                self.metrics.close()
             server.start()
             self.metrics = server
             log.info("metrics now on %s", server.url)

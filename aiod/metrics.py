@@ -405,5 +405,7 @@ class MetricsServer:
         self._thread.start()
 
     def close(self) -> None:
-        self._httpd.shutdown()
+        """Stop serving and release the address; safe before start() and twice."""
+        if self._thread.ident is not None:  # shutdown() waits forever on a server never started
+            self._httpd.shutdown()
         self._httpd.server_close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -92,3 +93,45 @@ def test_check_config_refuses_nr_events_above_the_kernel_cap_with_78(
         (line,) = r.stderr.splitlines()
         assert f"nr_events: expected at most 4194304, the kernel's limit per context" in line
         assert f"found {nr_events}" in line
+
+
+# --- metrics.listen changed by SIGHUP -------------------------------------------------
+
+def test_reload_from_loopback_to_every_interface_on_the_same_port(
+        daemons: list[Aiod], tmp_path: Path) -> None:
+    d = start(daemons, tmp_path, base_config())
+    assert d.notify is not None
+    d.config["metrics"] = {"listen": f"0.0.0.0:{d.port}"}  # overlaps 127.0.0.1:port
+    d.write_config(d.config)
+    n = len(d.notify.collect())
+    d.signal(signal.SIGHUP)
+    d.notify.wait_for("READY=1", start=n)
+    assert "reload failed" not in d.log, d.log
+    assert f"metrics now on http://0.0.0.0:{d.port}/metrics" in d.log
+    assert d.metric_sum("aiod_config_last_reload_successful") == 1
+    # and back again
+    d.config["metrics"] = {"listen": f"127.0.0.1:{d.port}"}
+    d.write_config(d.config)
+    n = len(d.notify.collect())
+    d.signal(signal.SIGHUP)
+    d.notify.wait_for("READY=1", start=n)
+    assert "reload failed" not in d.log, d.log
+    assert d.get("/healthz")[0] == 200
+    assert d.stop() == 0
+
+
+def test_a_metrics_port_taken_by_another_process_keeps_the_old_listener(
+        daemons: list[Aiod], tmp_path: Path) -> None:
+    d = start(daemons, tmp_path, base_config())
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        d.config["metrics"] = {"listen": f"127.0.0.1:{taken}"}
+        d.write_config(d.config)
+        d.signal(signal.SIGHUP)
+        d.wait_until(lambda: "reload failed" in d.log, what="the reload to fail")
+        assert f"cannot listen for metrics on 127.0.0.1:{taken}: Address already in use" in d.log
+        assert d.get("/healthz")[0] == 200  # still on the old port
+        assert d.metric_sum("aiod_config_last_reload_successful") == 0
+    assert d.stop() == 0
