@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -62,3 +64,21 @@ def test_test_packages_are_optional_for_non_root(fake_bin: Path) -> None:
     r = run_as_nobody(fake_bin, "--test")
     assert r.returncode == 0
     assert "fio" in r.stderr and "sudo apt-get install" in r.stderr
+
+
+def test_the_package_builds_without_deprecation_warnings_and_ships_its_license(
+        tmp_path: Path) -> None:
+    # The same isolated build `pip install -e .` runs (the build backend from PyPI).
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir",
+                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "deprecated" not in out.lower(), out
+    (wheel,) = tmp_path.glob("aiod-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        licence = [n for n in names if n.endswith("/LICENSE")]
+        assert licence and "Apache License" in z.read(licence[0]).decode()
+    assert "License-Expression: Apache-2.0" in meta.splitlines()
