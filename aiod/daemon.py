@@ -541,7 +541,8 @@ class Daemon:
             "pools": [_pool_report(s) for s in snaps],
         }
         log.info("shutdown complete: %s; drain %.3fs, cancel %.3fs, destroy %.3fs; "
-                 "%d contexts failed to destroy; aio-nr %d -> %d",
+                 "%d contexts failed to destroy; fs.aio-nr (system-wide) %d before start, "
+                 "%d after destroy",
                  _totals_text(totals), drain_seconds, cancel_seconds, destroy_seconds,
                  len(failed), self.aio_nr_before, report["aio_nr_after_destroy"])
         self._write_report(report)

@@ -135,3 +135,14 @@ def test_a_metrics_port_taken_by_another_process_keeps_the_old_listener(
         assert d.get("/healthz")[0] == 200  # still on the old port
         assert d.metric_sum("aiod_config_last_reload_successful") == 0
     assert d.stop() == 0
+
+
+# --- the shutdown line -----------------------------------------------------------------
+
+def test_the_shutdown_line_says_which_aio_nr_is_which(daemons: list[Aiod], tmp_path: Path) -> None:
+    d = start(daemons, tmp_path, base_config())
+    assert d.stop() == 0
+    rep = d.report()
+    (line,) = [ln for ln in d.log.splitlines() if "shutdown complete" in ln]
+    assert line.endswith(f"; fs.aio-nr (system-wide) {rep['aio_nr_before_start']} before "
+                         f"start, {rep['aio_nr_after_destroy']} after destroy"), line
