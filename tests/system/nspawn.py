@@ -3,7 +3,25 @@
 The debootstrapped root filesystem is cached outside the repository (one per
 Debian suite, built atomically: debootstrap into a temporary directory, then
 rename). Each test session boots a fresh copy of it, so tests never change
-the cache. See shared/notes/systemd-container.md for the recipe this follows.
+the cache.
+
+The recipe, by hand (as root; what the code below does):
+
+    apt-get install -y systemd-container debootstrap
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3 \
+        bookworm "$ROOT" "$MIRROR"        # MIRROR: the URIs line of apt's debian.sources
+    mount -t tmpfs tmpfs /run/systemd/nspawn   # unless it is a mount point already
+    SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -D "$ROOT" -b \
+        --register=no --keep-unit --console=pipe &
+    LEADER=$(pgrep -P $! -x systemd)       # the container's PID 1, seen from the host
+    nsenter -t "$LEADER" -a systemctl is-system-running --wait
+    nsenter -t "$LEADER" -a systemctl poweroff
+
+- ``--keep-unit`` is required where the host has no system bus (nspawn dies
+  with "Parent died too early" without it), and nspawn wants
+  /run/systemd/nspawn on a tmpfs.
+- The container shares the host's network: a service in it listening on
+  127.0.0.1 is reachable from the host.
 """
 
 from __future__ import annotations
