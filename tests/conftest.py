@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -48,3 +50,35 @@ def live_contexts(pid: str = "self") -> int:
     """
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "/[aio]" in line)
+
+
+_NEIGHBOUR = """
+import random, sys, time
+from aiod import aio
+held = []
+print("up", flush=True)
+while True:
+    # Contexts of varying sizes come and go every millisecond or so.
+    held.append(aio.Context(random.randint(1, 16)))
+    if len(held) > 4 or random.random() < 0.5:
+        held.pop(0).destroy()
+    time.sleep(0.001)
+"""
+
+
+@pytest.fixture
+def aio_neighbour() -> Iterator[None]:
+    """Another process using kernel AIO all the time, as a database server on the
+    host would: fs.aio-nr (system-wide) moves under the test's feet. A test that
+    uses this must count its own process's contexts, not fs.aio-nr."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR], stdout=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aiod import aio
-from tests.conftest import aio_nr
+from tests.conftest import live_contexts
 
 
 def reap_all(ctx: aio.Context, n: int, timeout: float = 5.0) -> list[aio.Op]:
@@ -47,16 +47,18 @@ def test_destroying_the_same_id_twice() -> None:
     assert ei.value.errno == errno.EINVAL
 
 
-def test_context_destroy_is_idempotent_and_calls_io_destroy_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_context_destroy_is_idempotent_and_calls_io_destroy_once(
+        monkeypatch: pytest.MonkeyPatch, aio_neighbour: None) -> None:
     calls: list[int] = []
     real = aio.io_destroy
     monkeypatch.setattr(aio, "io_destroy", lambda i: (calls.append(i), real(i))[1])
-    before = aio_nr()
+    before = live_contexts()
     ctx = aio.Context(8)
+    assert live_contexts() == before + 1
     ctx.destroy()
     ctx.destroy()
     assert calls == [ctx.id]
-    assert aio_nr() == before
+    assert live_contexts() == before
 
 
 def test_io_setup_zero_is_einval() -> None:
@@ -171,18 +173,19 @@ def test_cancel_of_inflight_odirect_read_is_einval_and_it_completes(direct_file:
         assert all(op.res == 65536 for op in done)
 
 
-def test_destroy_with_poll_in_flight_returns_and_restores_aio_nr(pipe: tuple[int, int]) -> None:
+def test_destroy_with_poll_in_flight_returns_and_releases_the_context(
+        pipe: tuple[int, int], aio_neighbour: None) -> None:
     r, _ = pipe
-    before = aio_nr()
+    before = live_contexts()
     ctx = aio.Context(16)
-    assert aio_nr() >= before + 16
+    assert live_contexts() == before + 1
     op = aio.poll(r)
     ctx.submit([op])
     t0 = time.monotonic()
     lost = ctx.destroy()
     assert time.monotonic() - t0 < 5
     assert lost == [op]
-    assert aio_nr() == before
+    assert live_contexts() == before
 
 
 def test_misaligned_odirect_buffer_completes_with_einval(direct_file: tuple[int, Path]) -> None:
@@ -261,18 +264,19 @@ def test_system_aio_usage_reads_a_fixture_procfs(tmp_path: Path) -> None:
     assert aio.system_aio_usage(tmp_path) == (123, 65536)
 
 
-def test_context_reports_in_flight_count_on_real_usage(pipe: tuple[int, int]) -> None:
+def test_context_reports_in_flight_count_on_real_usage(pipe: tuple[int, int],
+                                                      aio_neighbour: None) -> None:
     r, w = pipe
-    before = aio_nr()
+    before = live_contexts()
     with aio.Context(32) as ctx:
-        assert aio_nr() >= before + 32
+        assert live_contexts() == before + 1
         ops = [aio.poll(r) for _ in range(5)]
         ctx.submit(ops)
         assert ctx.in_flight == 5
         os.write(w, b"x")
         assert len(reap_all(ctx, 5)) == 5
         assert ctx.in_flight == 0
-    assert aio_nr() == before
+    assert live_contexts() == before
 
 
 def _setup_errno(n: int) -> int:

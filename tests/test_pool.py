@@ -13,7 +13,7 @@ import pytest
 from aiod import aio
 from aiod.lifecycle import ContextState, IllegalTransition, LifecycleRecord
 from aiod.pool import Outcome, Pool, PoolCapacityError, PoolClosed
-from tests.conftest import aio_nr, live_contexts
+from tests.conftest import live_contexts
 
 
 def fake_procfs(root: Path, nr: int, max_nr: int) -> Path:
@@ -32,13 +32,14 @@ def reap_until(pool: Pool, n: int, timeout: float = 5.0) -> list[aio.Op]:
     return done
 
 
-def test_a_thousand_create_destroy_cycles_leave_aio_nr_unchanged() -> None:
-    before = aio_nr()
+def test_a_thousand_create_destroy_cycles_leave_no_context_behind(aio_neighbour: None) -> None:
+    # Counted in this process's own mappings: fs.aio-nr is system-wide, and the
+    # neighbour (like any other process using AIO) moves it meanwhile.
     for _ in range(1000):
         p = Pool("cycle", 2, 8)
+        assert live_contexts() == 2
         p.close()
-    assert live_contexts() == 0
-    assert aio_nr() == before  # system-wide: nothing else may run AIO meanwhile
+        assert live_contexts() == 0
 
 
 def test_pool_above_headroom_fails_with_a_clear_message_and_leaks_nothing() -> None:
@@ -231,10 +232,12 @@ def test_snapshots_from_other_threads_never_break_the_invariant(
     ops = [aio.read(fd, 4096, (i % 256) * 4096) for i in range(128)]
     polls = [aio.poll(r) for _ in range(32)]
     p.submit(polls, job="poll")
-    end = time.monotonic() + 1.5
+    # Until enough has happened on both sides (not for a fixed time: a loaded
+    # machine does less per second), with a deadline only against a hang.
+    end = time.monotonic() + 120
     pending = list(ops)
     total = 0
-    while time.monotonic() < end:
+    while (total <= 1000 or seen[0] <= 10) and time.monotonic() < end:
         pending = p.submit(pending, job="load")
         done = p.reap(timeout=0.01)
         total += len(done)
