@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from aiod.metrics import MetricsServer, SharedRender
+from aiod.metrics import MetricsServer, RequestPacer, SharedRender
 
 
 class CountingCollector:
@@ -230,3 +230,33 @@ def test_added_routes_are_served(servers: list[MetricsServer]) -> None:
     srv.add_route("/extra", lambda: (200, b"{}", "application/json"))
     assert get(srv.port, "/extra") == (200, b"{}")
     assert b"/extra" in get(srv.port, "/")[1]
+
+
+def test_requests_beyond_the_rate_wait_their_turn_and_are_all_answered(
+        servers: list[MetricsServer]) -> None:
+    srv = serve(CountingCollector(), request_rate=20.0, request_burst=5)
+    servers.append(srv)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    t0 = time.monotonic()
+    try:
+        for _ in range(30):
+            conn.request("GET", "/healthz")
+            r = conn.getresponse()
+            assert (r.status, r.read()) == (200, b"ok\n")
+    finally:
+        conn.close()
+    # 5 at once, then one every 50 ms: a client scraping back to back is paced.
+    assert time.monotonic() - t0 >= 25 / 20.0
+    assert srv.pacer.delayed >= 25
+
+
+def test_the_pacer_keeps_a_schedule_in_arrival_order() -> None:
+    now = [0.0]
+    slept: list[float] = []
+    p = RequestPacer(10.0, 3, clock=lambda: now[0], sleep=slept.append)
+    assert [p.wait() for _ in range(3)] == [0.0, 0.0, 0.0]   # the burst
+    assert round(p.wait(), 6) == 0.1                         # then 10 a second
+    assert round(p.wait(), 6) == 0.2
+    now[0] = 10.0                                            # a quiet spell refills it
+    assert [p.wait() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert slept == [p for p in slept if p > 0] and len(slept) == 2
