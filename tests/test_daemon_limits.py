@@ -1,11 +1,13 @@
-"""Limits the daemon and its commands refuse in one line: config size, kernel caps, ports."""
+"""The daemon at its limits: config size, kernel caps, ports, many scrapers at once."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -146,3 +148,49 @@ def test_the_shutdown_line_says_which_aio_nr_is_which(daemons: list[Aiod], tmp_p
     (line,) = [ln for ln in d.log.splitlines() if "shutdown complete" in ln]
     assert line.endswith(f"; fs.aio-nr (system-wide) {rep['aio_nr_before_start']} before "
                          f"start, {rep['aio_nr_after_destroy']} after destroy"), line
+
+
+# --- scrapes in parallel with a load job ------------------------------------------------
+
+def test_twenty_scrapers_beside_a_load_job_are_all_answered_and_the_loop_keeps_going(
+        daemons: list[Aiod], tmp_path: Path) -> None:
+    """The IOPS ratio is benchmarks/scrape.py's figure; this proves the behaviour."""
+    cfg = base_config(jobs=[{"name": "load", "pool": "default", "type": "load",
+                             "target": "load.dat", "size": "16MiB", "op": "randread",
+                             "iodepth": 8}])
+    d = start(daemons, tmp_path, cfg)
+
+    def completed() -> float:
+        return d.metric_sum("aiod_ops_completed_total", job="load")
+
+    d.wait_until(lambda: completed() > 0, what="the load job to complete operations")
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def scrape() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+        try:
+            while not stop.is_set():
+                conn.request("GET", "/metrics")
+                r = conn.getresponse()
+                r.read()
+                answers.append(r.status)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=scrape) for _ in range(20)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):  # the loop keeps completing I/O and stays healthy throughout
+            before = completed()
+            d.wait_until(lambda: completed() > before, what="more completions while scraped")
+            assert d.get("/healthz")[0] == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert answers and set(answers) == {200}
+    assert d.stop() == 0
+    rep = d.report()
+    assert rep["invariant_holds"] and rep["totals"]["failed"] == 0
