@@ -194,3 +194,23 @@ def test_twenty_scrapers_beside_a_load_job_are_all_answered_and_the_loop_keeps_g
     assert d.stop() == 0
     rep = d.report()
     assert rep["invariant_holds"] and rep["totals"]["failed"] == 0
+
+
+def test_a_reload_shows_in_the_next_scrape_despite_shared_renderings(
+        daemons: list[Aiod], tmp_path: Path) -> None:
+    d = start(daemons, tmp_path, base_config())
+    assert d.notify is not None
+    assert d.metric_sum("aiod_contexts", pool="default", state="active") == 1  # rendered
+    d.config["pools"][0]["contexts"] = 3
+    d.write_config(d.config)
+    n = len(d.notify.collect())
+    d.signal(signal.SIGHUP)
+    d.notify.wait_for("READY=1", start=n)
+    # No waiting: the reload changed the rendering's key, so this one is fresh.
+    assert d.metric_sum("aiod_contexts", pool="default", state="active") == 3
+    d.config_path.write_text("pools: [\n")
+    n = len(d.notify.collect())
+    d.signal(signal.SIGHUP)
+    d.notify.wait_for("READY=1", start=n)
+    assert d.metric_sum("aiod_config_last_reload_successful") == 0
+    assert d.stop() == 0
