@@ -1,4 +1,4 @@
-"""The `aiod` command line: run, check-config, bench, smoke."""
+"""The `aiod` command line: run, check-config, aio-usage, bench, smoke."""
 
 from __future__ import annotations
 
@@ -84,6 +84,28 @@ def check_config(path: str) -> int:
     return EXIT_OK
 
 
+def aio_usage(as_json: bool, procfs_root: str) -> int:
+    """Who holds the host's AIO events; needs no daemon. Exit 0 whenever it can read
+    fs.aio-nr, saying on stderr what it could not see."""
+    import json
+
+    from aiod import hostscan
+    try:
+        s = hostscan.scan(procfs_root)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"aiod aio-usage: cannot read {procfs_root}/sys/fs/aio-nr: {why}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    if as_json:
+        print(json.dumps(s.as_json(), indent=2))
+    else:
+        print(hostscan.format_table(s))
+    for line in hostscan.why_incomplete(s):
+        print(f"aiod aio-usage: {line}", file=sys.stderr)
+    return EXIT_OK
+
+
 def run(config_path: str | None) -> int:
     from aiod import logs
     from aiod.daemon import Daemon
@@ -151,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the /status JSON document")
     st.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                     help="how long to wait for an answer (default: 5)")
+    u = sub.add_parser("aio-usage", help="who holds the host's AIO events (fs.aio-nr), "
+                       "largest first; needs no running daemon")
+    u.add_argument("--json", action="store_true", help="machine-readable output")
+    u.add_argument("--proc", default="/proc", metavar="PATH", help=argparse.SUPPRESS)
     try:
         from aiod import bench
     except ImportError:  # pragma: no cover - bench ships with aiod
@@ -171,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return smoke()
         if args.command == "status":
             return status(args.url, args.config, args.json, args.timeout)
+        if args.command == "aio-usage":
+            return aio_usage(args.json, args.proc)
         if args.command == "bench":
             from aiod import bench
             return bench.run(args)
