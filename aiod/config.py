@@ -58,6 +58,10 @@ DEFAULT_RATE = 10.0
 DEFAULT_IODEPTH = 1
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_ALLOW_WRITE = False
+DEFAULT_HOST_SCAN_INTERVAL = 30.0
+DEFAULT_HOST_SCAN_TOP = 10
+MIN_HOST_SCAN_INTERVAL = 1.0
+MAX_HOST_SCAN_TOP = 100  # each holder is two series: keep the bound small
 
 # O_DIRECT needs buffers, offsets and lengths aligned to the logical block
 # size of the device; 512 is the smallest there is, so anything else can
@@ -67,10 +71,12 @@ DIRECT_ALIGNMENT = 512
 # Names end up in metric labels, log lines and file names.
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
-_TOP_KEYS = ("log_level", "state_directory", "metrics", "shutdown", "pools", "jobs")
+_TOP_KEYS = ("log_level", "state_directory", "metrics", "shutdown", "headroom_reserve",
+             "host_scan", "pools", "jobs")
+_HOST_SCAN_KEYS = ("interval", "top")
 _METRICS_KEYS = ("listen",)
 _SHUTDOWN_KEYS = ("drain_timeout", "destroy_timeout")
-_POOL_KEYS = ("name", "contexts", "nr_events")
+_POOL_KEYS = ("name", "contexts", "min_contexts", "nr_events")
 _JOB_KEYS = ("name", "pool", "type", "target", "size", "op", "block_size",
              "direct", "rate", "iodepth", "timeout", "allow_write")
 
@@ -93,6 +99,43 @@ class PoolConfig:
     name: str
     contexts: int
     nr_events: int
+    # The pool may shrink to this many contexts to give other processes AIO
+    # headroom (see headroom_reserve); equal to contexts: a fixed pool.
+    min_contexts: int = -1
+
+    def __post_init__(self) -> None:
+        if self.min_contexts < 0:
+            object.__setattr__(self, "min_contexts", self.contexts)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_contexts < self.contexts
+
+
+@dataclass(frozen=True)
+class HeadroomReserve:
+    """AIO events to keep free for other processes: a count, or a share of fs.aio-max-nr."""
+
+    events: int = 0
+    percent: float | None = None
+
+    def resolve(self, aio_max_nr: int) -> int:
+        if self.percent is not None:
+            return int(aio_max_nr * self.percent / 100)
+        return self.events
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.events or self.percent)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.events)
+
+
+@dataclass(frozen=True)
+class HostScanConfig:
+    interval: float  # seconds between scans of /proc/*/maps
+    top: int  # holders exported by name; the rest are summed as comm="other"
 
 
 @dataclass(frozen=True)
@@ -132,6 +175,8 @@ class Config:
     pools: tuple[PoolConfig, ...]
     jobs: tuple[JobConfig, ...]
     source: str  # the file path, or "<embedded default>"
+    headroom_reserve: HeadroomReserve = HeadroomReserve()
+    host_scan: HostScanConfig | None = None  # None: off
 
 
 # ---------------------------------------------------------------------------
@@ -144,6 +189,7 @@ _NUMBER = r"(\d[\d_]*(?:\.\d*)?|\.\d+)"
 _SIZE = "a size such as 4096, 4KiB or 64MiB"
 _DURATION = "a duration such as 500ms, 10s or 2m"
 _RATE = "a rate such as 10/s, 5/m or 0.5 (per second)"
+_RESERVE = "a number of AIO events such as 4096, or a share of fs.aio-max-nr such as 10%"
 
 # Binary multiples only: K, KB and KiB all mean 1024. Storage people argue
 # about KB; for block sizes and file sizes 1000 is never what anyone means
@@ -212,6 +258,29 @@ def parse_rate(s: object) -> float:
         m = _match(_RATE_RE, str(s), _RATE)
         n = _digits(m) / _RATE_UNITS[m.group(2) or "s"]
     return float(n)
+
+
+def parse_reserve(s: object) -> HeadroomReserve:
+    """``4096`` (events) or ``"10%"`` (of fs.aio-max-nr) into a HeadroomReserve."""
+    if isinstance(s, str) and s.strip().endswith("%"):
+        text = s.strip()[:-1].strip()
+        m = re.fullmatch(_NUMBER, text)
+        if not m:
+            raise ValueError(f"expected {_RESERVE}, found {_show(s)}")
+        pct = float(_digits(m))
+        if pct >= 100:
+            raise ValueError(f"a reserve of {pct:g}% of fs.aio-max-nr leaves the pools no "
+                             f"room at all; expected less than 100%")
+        return HeadroomReserve(percent=pct)
+    n = _number(s, _RESERVE)
+    if n is None:
+        text = str(s).strip().replace("_", "")
+        if not text.isdigit():
+            raise ValueError(f"expected {_RESERVE}, found {_show(s)}")
+        n = Fraction(int(text))
+    if n.denominator != 1:
+        raise ValueError(f"expected a whole number of events, found {_show(s)}")
+    return HeadroomReserve(events=int(n))
 
 
 def parse_listen(s: str) -> tuple[str, int]:
@@ -545,6 +614,8 @@ def parse(text: str, source: str, env: Mapping[str, str] | None = None,
     destroy = shutdown_sec.quantity("destroy_timeout", DEFAULT_DESTROY_TIMEOUT,
                                     parse_duration, _DURATION)
 
+    reserve = top.quantity("headroom_reserve", HeadroomReserve(), parse_reserve, _RESERVE)
+    host_scan = _host_scan(top, section, problems)
     pools, pool_names = _pools(top, section, problems)
     jobs = _jobs(top, section, problems, pools, pool_names, state_directory,
                  physical_memory() if memory is None else memory)
@@ -552,10 +623,38 @@ def parse(text: str, source: str, env: Mapping[str, str] | None = None,
     if problems:
         raise ConfigError(problems.lines())
     assert log_level is not None and state_directory is not None and metrics is not None
-    assert drain is not None and destroy is not None
+    assert drain is not None and destroy is not None and reserve is not None
     return Config(log_level=log_level, state_directory=state_directory, metrics=metrics,
                   shutdown=ShutdownConfig(drain, destroy), pools=tuple(pools.values()),
-                  jobs=tuple(jobs), source=source)
+                  jobs=tuple(jobs), source=source, headroom_reserve=reserve,
+                  host_scan=host_scan)
+
+
+def _host_scan(top: _Section, section: "_SectionFactory",
+               problems: _Problems) -> HostScanConfig | None:
+    node = top.values.get("host_scan")
+    if node is None:
+        return None
+    if isinstance(node, ScalarNode) and node.tag == _TAG + "null":
+        return HostScanConfig(DEFAULT_HOST_SCAN_INTERVAL, DEFAULT_HOST_SCAN_TOP)
+    sec = section(node, "host_scan", _HOST_SCAN_KEYS)
+    if not sec.ok:
+        return None
+    interval = sec.quantity("interval", DEFAULT_HOST_SCAN_INTERVAL, parse_duration, _DURATION)
+    top_n = sec.integer("top", DEFAULT_HOST_SCAN_TOP, minimum=1)
+    if interval is not None and interval < MIN_HOST_SCAN_INTERVAL:
+        problems.add(sec.values.get("interval"), "host_scan.interval",
+                     f"expected at least {MIN_HOST_SCAN_INTERVAL:g}s between scans of "
+                     f"/proc, found {interval:g}s")
+        interval = None
+    if top_n is not None and top_n > MAX_HOST_SCAN_TOP:
+        problems.add(sec.values.get("top"), "host_scan.top",
+                     f"expected at most {MAX_HOST_SCAN_TOP} (each holder is two metric "
+                     f"series), found {top_n}")
+        top_n = None
+    if interval is None or top_n is None:
+        return None
+    return HostScanConfig(interval, top_n)
 
 
 def _state_directory(top: _Section, env: Mapping[str, str], home: Path | None,
@@ -601,6 +700,11 @@ def _pools(top: _Section, section: _SectionFactory,
         name = sec.text("name", required="every pool needs a name", pattern=NAME_RE)
         contexts = sec.integer("contexts", minimum=1, required="how many kernel AIO "
                                "contexts the pool owns, e.g. 'contexts: 4'")
+        min_contexts = sec.integer("min_contexts", None, minimum=1)
+        if min_contexts is not None and contexts is not None and min_contexts > contexts:
+            problems.add(sec.values["min_contexts"], f"{path}.min_contexts",
+                         f"expected at most contexts ({contexts}), found {min_contexts}")
+            contexts = None  # reported; the name below is still declared for the jobs
         nr_events = sec.integer("nr_events", minimum=1, required="how many operations "
                                 "each context holds, e.g. 'nr_events: 128'",
                                 maximum=(MAX_NR_EVENTS, "the kernel's limit per context "
@@ -614,7 +718,8 @@ def _pools(top: _Section, section: _SectionFactory,
             continue
         declared[name] = _line(sec.values["name"])
         if contexts is not None and nr_events is not None:
-            pools[name] = PoolConfig(name, contexts, nr_events)
+            pools[name] = PoolConfig(name, contexts, nr_events,
+                                     contexts if min_contexts is None else min_contexts)
     return pools, set(declared)
 
 

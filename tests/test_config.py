@@ -298,7 +298,7 @@ def test_the_embedded_default_is_one_pool_and_one_probe() -> None:
 def test_the_shipped_config_mentions_every_key() -> None:
     text = (ROOT / "config" / "aiod.yaml").read_text(encoding="utf-8")
     for key in config._TOP_KEYS + config._METRICS_KEYS + config._SHUTDOWN_KEYS + \
-            config._POOL_KEYS + config._JOB_KEYS:
+            config._POOL_KEYS + config._JOB_KEYS + config._HOST_SCAN_KEYS:
         assert re.search(rf"^\s*#?\s*-?\s*{key}:", text, re.M), key
 
 
@@ -420,3 +420,42 @@ def test_jobs_that_fit_one_by_one_but_not_together_are_refused() -> None:
         parse(POOL + jobs, "t.yaml", env=ENV, memory=250 << 20)
     (problem,) = info.value.problems
     assert "jobs[2].name: the jobs up to this one need" in problem
+
+
+# ------------------------------------------------ the host's AIO budget
+def test_headroom_reserve_min_contexts_and_host_scan_parse() -> None:
+    c = parse("headroom_reserve: 10%\nhost_scan: {interval: 5s, top: 3}\n"
+              "pools:\n  - {name: a, contexts: 4, min_contexts: 1, nr_events: 64}\n"
+              "  - {name: b, contexts: 2, nr_events: 8}\n", "t.yaml", env=ENV)
+    assert c.headroom_reserve.resolve(65536) == 6553 and c.headroom_reserve.enabled
+    assert c.host_scan == config.HostScanConfig(5.0, 3)
+    assert [(p.min_contexts, p.elastic) for p in c.pools] == [(1, True), (2, False)]
+    c = parse("headroom_reserve: 4_096\nhost_scan:\n" + POOL, "t.yaml", env=ENV)
+    assert c.headroom_reserve.resolve(65536) == 4096
+    assert c.host_scan == config.HostScanConfig(30.0, 10)
+    c = parse(POOL, "t.yaml", env=ENV)
+    assert not c.headroom_reserve.enabled and c.host_scan is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("headroom_reserve: 100%\n", "t.yaml:1: headroom_reserve: a reserve of 100% of "
+     "fs.aio-max-nr leaves the pools no room at all; expected less than 100%"),
+    ("headroom_reserve: -5\n", "t.yaml:1: headroom_reserve: must not be negative, found -5"),
+    ("headroom_reserve: plenty\n", "t.yaml:1: headroom_reserve: expected a number of AIO "
+     "events such as 4096, or a share of fs.aio-max-nr such as 10%, found 'plenty'"),
+    ("host_scan: {interval: 100ms}\n", "t.yaml:1: host_scan.interval: expected at least 1s "
+     "between scans of /proc, found 0.1s"),
+    ("host_scan: {top: 500}\n", "t.yaml:1: host_scan.top: expected at most 100 (each "
+     "holder is two metric series), found 500"),
+    ("host_scan: {intervall: 5s}\n", "t.yaml:1: host_scan.intervall: unknown key; did you "
+     "mean 'interval'?"),
+])
+def test_budget_settings_reject_with_one_line(text: str, expected: str) -> None:
+    assert problems_of(text + POOL) == [expected]
+
+
+def test_min_contexts_above_contexts_is_refused_and_jobs_still_find_the_pool() -> None:
+    text = ("pools:\n  - {name: a, contexts: 2, min_contexts: 3, nr_events: 8}\n"
+            "jobs:\n  - {name: j, pool: a, type: probe, target: x.dat}\n")
+    assert problems_of(text) == [
+        "t.yaml:2: pools[0].min_contexts: expected at most contexts (2), found 3"]
