@@ -80,6 +80,15 @@ def check_config(path: str) -> int:
     cfg = load_config(path)
     if cfg is None:
         return EXIT_CONFIG
+    from aiod.headroom import room_problem
+    try:
+        _, max_nr = aio.system_aio_usage()
+    except (OSError, ValueError):
+        max_nr = 0
+    problem = room_problem(cfg, max_nr) if max_nr else None
+    if problem:
+        print(problem, file=sys.stderr)
+        return EXIT_CONFIG
     print(f"{path}: ok ({len(cfg.pools)} pools, {len(cfg.jobs)} jobs)")
     return EXIT_OK
 

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from aiod import __version__, aio, config as config_mod, logs
+from aiod.budget import Budget
 from aiod.config import Config, ConfigError, JobConfig
-from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
+from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
 from aiod.jobs import Job, JobState
 from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
 from aiod.notify import Notifier
@@ -99,6 +100,9 @@ class Daemon:
         self._old_handlers: dict[int, object] = {}
         self.metrics: MetricsServer | None = None
         self._registry = make_registry(self)
+        # The host's AIO budget: headroom yields, self-audit, host scan (aiod.budget).
+        self.budget = Budget(cfg, procfs_root=procfs_root, clock=clock)
+        self._registry.register(self.budget)  # type: ignore[arg-type]
         self._heartbeat = clock()
         self._reload_ok = True
         self._reload_ts = 0.0
@@ -116,10 +120,14 @@ class Daemon:
         """Pools up, metrics bound, jobs started, then READY=1. Raises StartupError."""
         self._install_signal_handlers()
         self.aio_nr_before = aio.system_aio_usage(self.procfs_root)[0]
+        problem = self.budget.room_problem()
+        if problem:
+            raise StartupError(problem, EXIT_CONFIG)
+        sizes = self.budget.initial_sizes(*aio.system_aio_usage(self.procfs_root))
         self._prepare_state_directory(self.cfg.state_directory)
         try:
             for pc in self.cfg.pools:
-                self.pools[pc.name] = self._make_pool(pc.name, pc.contexts, pc.nr_events)
+                self.pools[pc.name] = self._make_pool(pc.name, sizes[pc.name], pc.nr_events)
         except PoolCapacityError as e:
             self._destroy_pools_now()
             raise StartupError(str(e), EXIT_TEMPFAIL) from e
@@ -133,6 +141,7 @@ class Daemon:
             raise StartupError(f"cannot listen for metrics on {self.cfg.metrics.host}:"
                                f"{self.cfg.metrics.port}: {e.strerror}", EXIT_FAILURE) from e
         self.metrics.start()
+        self.budget.attach(self.pools, self._all_pools)
         owned = self._owned(self.cfg.state_directory)
         for jc in self.cfg.jobs:
             self._start_job(jc, owned)
@@ -249,6 +258,7 @@ class Daemon:
             self._wait(self._next_deadline(now) - now)
             self._reap_all()
             self._tick()
+            self.budget.tick(self.clock())
 
     def _next_deadline(self, now: float) -> float:
         deadline = min(now + MAX_WAIT, self._next_status)
@@ -365,6 +375,9 @@ class Daemon:
     def _apply(self, new: Config) -> None:
         """Prepare everything that can fail first; commit only when all of it worked."""
         old = self.cfg
+        problem = self.budget.room_problem(new)
+        if problem:
+            raise ConfigError([problem])
         old_pools = {p.name: p for p in old.pools}
         new_pools = {p.name: p for p in new.pools}
         created: dict[str, Pool] = {}
@@ -377,10 +390,10 @@ class Daemon:
             for name, pc in new_pools.items():
                 if name not in self.pools or name in replaced:
                     created[name] = self._make_pool(name, pc.contexts, pc.nr_events)
-                elif pc.contexts > self.pools[name].size:
+                elif self.budget.wanted_size(pc, new) > self.pools[name].size:
                     pool = self.pools[name]
                     grown.append((pool, pool.size))
-                    pool.resize(pc.contexts)
+                    pool.resize(self.budget.wanted_size(pc, new))
             if (new.metrics.host, new.metrics.port) != (old.metrics.host, old.metrics.port):
                 server, released = self._rebind_metrics(old, new)
         except BaseException:
@@ -421,11 +434,13 @@ class Daemon:
             self.pools.update(created)
         for name, pc in new_pools.items():
             pool = self.pools[name]
-            if pc.contexts < pool.size:
-                pool.resize(pc.contexts, retire_timeout=new.shutdown.drain_timeout)
-                log.info("pool %s: shrinking to %d contexts", name, pc.contexts,
+            want = self.budget.wanted_size(pc, new)
+            if want < pool.size:
+                pool.resize(want, retire_timeout=new.shutdown.drain_timeout)
+                log.info("pool %s: shrinking to %d contexts", name, want,
                          extra={"AIOD_POOL": name})
         self.cfg = new
+        self.budget.configure(new)
         for name, jc in new_jobs.items():
             if name not in self.jobs:
                 self._start_job(jc, owned)
@@ -540,6 +555,7 @@ class Daemon:
             "aio_nr_after_destroy": aio.system_aio_usage(self.procfs_root)[0],
             "pools": [_pool_report(s) for s in snaps],
         }
+        report.update(self.budget.final_report())
         log.info("shutdown complete: %s; drain %.3fs, cancel %.3fs, destroy %.3fs; "
                  "%d contexts failed to destroy; fs.aio-nr (system-wide) %d before start, "
                  "%d after destroy",
@@ -648,6 +664,9 @@ class Daemon:
                 f"{t['failed']} failed")
         if errs:
             line += f", {errs} job errors"
+        budget = self.budget.status()
+        if budget:
+            line += f"; {budget}"
         return line
 
 

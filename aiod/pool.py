@@ -771,6 +771,12 @@ class Pool:
     def retiring(self) -> int:
         return self._retiring_count
 
+    def live_contexts(self) -> list[tuple[int, int, int]]:
+        """(index, kernel id, nr_events) of every context not yet handed to
+        io_destroy. Safe from another thread: a copy, taken without the loop."""
+        return [(s.record.index, s.ctx.id, s.ctx.nr_events)
+                for s in list(self._slots) if not s.ctx.destroyed]
+
     # ---------------------------------------------------------------- snapshot
     def snapshot(self) -> PoolSnapshot:
         """A consistent copy for another thread (metrics, reports)."""

@@ -1,0 +1,406 @@
+"""The host's AIO budget, as the daemon manages it: one object the I/O loop ticks.
+
+Three things, each read from procfs on a worker thread (never on the I/O
+loop: a /proc/PID/maps read waits for that process's mmap lock, which a
+process stuck in a page fault holds indefinitely); the loop starts the work
+and polls for its result:
+
+- the headroom check (fs.aio-nr, every CHECK_INTERVAL) feeding the yield
+  policy of aiod.headroom; the loop applies its targets through
+  ``Pool.resize``, the lossless path a reload uses;
+- the self-audit (aiod.selfaudit) of aiod's own rings against its records;
+- the optional host scan (aiod.hostscan) of who holds the host's events.
+
+Its metrics come from its own collector, registered beside the daemon's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from aiod import aio, hostscan
+from aiod.config import Config, PoolConfig
+from aiod.headroom import CHECK_INTERVAL, Decision, HeadroomPolicy, room_problem
+from aiod.pool import Pool, PoolError
+from aiod.selfaudit import Expected, Leak, SelfAudit, own_rings
+
+log = logging.getLogger("aiod.budget")
+
+AUDIT_INTERVAL = 5.0       # seconds between self-audits; a leak is confirmed by two
+SCAN_DEADLINE = 10.0       # a host scan stops reading maps files after this long
+SCAN_STUCK = 60.0          # a scan still running after this long is reported, once
+
+HIDDEN_HINT = ("install the drop-in systemd/aiod.service.d-host-scan/host-scan.conf as "
+               "/etc/systemd/system/aiod.service.d/host-scan.conf and restart aiod")
+
+
+class Worker:
+    """Runs one function at a time on a daemon thread; the loop starts it and polls.
+
+    A daemon thread, not an executor: a read stuck in the kernel must not
+    keep aiod from exiting.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done = False
+        self._result: object = None
+        self._error: BaseException | None = None
+        self.started_at = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def start(self, fn: Callable[[], object], now: float) -> bool:
+        if self._thread is not None:
+            return False
+
+        def run() -> None:
+            try:
+                result, error = fn(), None
+            except BaseException as e:  # handed to the loop, never raised in the thread
+                result, error = None, e
+            with self._lock:
+                self._result, self._error, self._done = result, error, True
+
+        self.started_at = now
+        self._done = False
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+        return True
+
+    def poll(self) -> tuple[bool, object, BaseException | None]:
+        """(finished, result, error); a finished job frees the worker."""
+        with self._lock:
+            if not self._done:
+                return False, None, None
+            self._thread = None
+            self._done = False
+            return True, self._result, self._error
+
+
+@dataclass
+class _Sample:
+    aio_nr: int
+    aio_max_nr: int
+    expected: list[Expected] | None     # None: no audit in this sample
+    rings: list[hostscan.Ring] | None
+
+
+class Budget:
+    """See the module docstring. Every method but collect() runs on the I/O loop."""
+
+    def __init__(self, cfg: Config, *, procfs_root: str | os.PathLike[str] = "/proc",
+                 sys_root: str | os.PathLike[str] = "/sys",
+                 clock: Callable[[], float] = time.monotonic,
+                 audit_interval: float = AUDIT_INTERVAL) -> None:
+        self.cfg = cfg
+        self.audit_interval = audit_interval
+        self.procfs_root = procfs_root
+        self.sys_root = sys_root
+        self.clock = clock
+        self.policy = HeadroomPolicy(cfg)
+        try:
+            cpus = hostscan.possible_cpus(sys_root)
+        except (OSError, ValueError):
+            cpus = os.cpu_count() or 1
+        self.audit = SelfAudit(cpus)
+        self._lock = threading.Lock()   # guards what collect() reads
+        self.yields: dict[str, int] = {p.name: 0 for p in cfg.pools}
+        self.last_free: int | None = None
+        self.last_reserve = 0
+        self.scan: hostscan.HostScan | None = None
+        self._pools: Mapping[str, Pool] = {}
+        self._all_pools: Callable[[], list[Pool]] = list
+        self._sampler = Worker("aiod-headroom")
+        self._scanner = Worker("aiod-host-scan")
+        self._next_sample = 0.0
+        self._next_audit = 0.0
+        self._next_scan = 0.0
+        self._said: set[str] = set()    # one-time messages already logged
+
+    # ------------------------------------------------------------ set-up
+    def room_problem(self, cfg: Config | None = None) -> str | None:
+        cfg = cfg or self.cfg
+        try:
+            _, max_nr = aio.system_aio_usage(self.procfs_root)
+        except (OSError, ValueError):
+            return None
+        return room_problem(cfg, max_nr)
+
+    def initial_sizes(self, aio_nr: int, aio_max_nr: int) -> dict[str, int]:
+        sizes = self.policy.initial_targets(aio_nr, aio_max_nr)
+        for p in self.cfg.pools:
+            if sizes[p.name] < p.contexts:
+                log.warning("pool %s: starting with %d of %d contexts: free AIO headroom "
+                            "(fs.aio-max-nr %d - fs.aio-nr %d) leaves less than "
+                            "headroom_reserve %s for other processes at full size",
+                            p.name, sizes[p.name], p.contexts, aio_max_nr, aio_nr,
+                            self.cfg.headroom_reserve, extra={"AIOD_POOL": p.name})
+        return sizes
+
+    def attach(self, pools: Mapping[str, Pool], all_pools: Callable[[], list[Pool]]) -> None:
+        """The daemon's live pool map (by name) and all pools, retiring ones included."""
+        self._pools = pools
+        self._all_pools = all_pools
+        if self.policy.active:
+            log.info("headroom: keeping %s AIO events free for other processes; elastic "
+                     "pools yield down to min_contexts (checked every %gs)",
+                     self.cfg.headroom_reserve, CHECK_INTERVAL)
+        if self.cfg.host_scan is not None:
+            log.info("host scan: reading /proc/*/maps every %gs, top %d holders exported",
+                     self.cfg.host_scan.interval, self.cfg.host_scan.top)
+
+    def configure(self, cfg: Config) -> None:
+        """After a reload committed."""
+        self.cfg = cfg
+        self.policy.configure(cfg)
+        with self._lock:
+            self.yields = {p.name: self.yields.get(p.name, 0) for p in cfg.pools}
+
+    def wanted_size(self, pc: PoolConfig, cfg: Config) -> int:
+        """The size a reload should give the pool: its contexts, less what is yielded."""
+        if not cfg.headroom_reserve.enabled or not pc.elastic:
+            return pc.contexts
+        t = self.policy.targets.get(pc.name, pc.contexts)
+        return max(pc.min_contexts, min(pc.contexts, t))
+
+    # -------------------------------------------------------------- tick
+    def tick(self, now: float) -> None:
+        """Once per loop turn, while serving. Never blocks."""
+        self._tick_sampler(now)
+        if self.cfg.host_scan is not None:
+            self._tick_scanner(now)
+
+    def _tick_sampler(self, now: float) -> None:
+        done, result, error = self._sampler.poll()
+        if done:
+            if error is not None:
+                self._say_once("sample", "cannot read fs.aio-nr or /proc/self/maps: %s; "
+                               "the headroom check and the leak audit are paused", error)
+            elif isinstance(result, _Sample):
+                self._apply_sample(result, now)
+        if self._sampler.busy or now < self._next_sample:
+            return
+        audit = now >= self._next_audit
+        pools = self._all_pools() if audit else []
+        proc = self.procfs_root
+
+        def sample() -> _Sample:
+            nr, max_nr = aio.system_aio_usage(proc)
+            if not audit:
+                return _Sample(nr, max_nr, None, None)
+            expected = [Expected(p.name, i, kid, n) for p in pools
+                        for i, kid, n in p.live_contexts()]
+            return _Sample(nr, max_nr, expected, own_rings(proc))
+
+        self._sampler.start(sample, now)
+        self._next_sample = now + (min(CHECK_INTERVAL, self.audit_interval)
+                                   if self.policy.active else self.audit_interval)
+        if audit:
+            self._next_audit = now + self.audit_interval
+
+    def _apply_sample(self, s: _Sample, now: float) -> None:
+        if s.expected is not None and s.rings is not None:
+            for leak in self.audit.observe(s.expected, s.rings):
+                self._log_leak(leak)
+        releasing = sum(p.retiring * p.nr_events for p in self._pools.values())
+        before = dict(self.policy.targets)
+        d = self.policy.decide(s.aio_nr, s.aio_max_nr, now, releasing)
+        with self._lock:
+            self.last_free, self.last_reserve = s.aio_max_nr - s.aio_nr, d.reserve
+        for name, target in d.targets.items():
+            pool = self._pools.get(name)
+            if pool is None or target == before.get(name):
+                continue
+            if name in d.shrunk:
+                self._shrink(pool, target, d, s)
+            else:
+                self._grow(pool, target, d)
+
+    def _shrink(self, pool: Pool, target: int, d: Decision, s: _Sample) -> None:
+        have = pool.size
+        if target >= have:
+            return
+        # The same call a reload makes: retiring contexts finish their I/O first.
+        pool.resize(target, retire_timeout=self.cfg.shutdown.drain_timeout)
+        with self._lock:
+            self.yields[pool.name] = self.yields.get(pool.name, 0) + 1
+        log.warning("pool %s: yielding %d contexts (%d AIO events) to other processes: free "
+                    "headroom %d (fs.aio-max-nr %d - fs.aio-nr %d) is below headroom_reserve "
+                    "%d; %d -> %d contexts, in-flight I/O finishes first",
+                    pool.name, have - target, (have - target) * pool.nr_events,
+                    s.aio_max_nr - s.aio_nr, s.aio_max_nr, s.aio_nr,
+                    d.reserve, have, target, extra={"AIOD_POOL": pool.name})
+
+    def _grow(self, pool: Pool, target: int, d: Decision) -> None:
+        have = pool.size
+        if target <= have:
+            return
+        try:
+            pool.resize(target)
+        except PoolError as e:
+            # Someone took the room between the check and io_setup: try again later.
+            self.policy.targets[pool.name] = pool.size
+            log.warning("pool %s: cannot grow back to %d contexts yet: %s",
+                        pool.name, target, e, extra={"AIOD_POOL": pool.name})
+            return
+        log.info("pool %s: AIO headroom is back (%d free, reserve %d): growing %d -> %d "
+                 "contexts", pool.name, d.free, d.reserve,
+                 have, target, extra={"AIOD_POOL": pool.name})
+
+    def _log_leak(self, leak: Leak) -> None:
+        log.error("context leak: %s", leak.describe(),
+                  extra={"AIOD_POOL": leak.pool} if leak.pool else {})
+
+    def _say_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.warning(msg, *args)
+
+    # ---------------------------------------------------------- host scan
+    def _tick_scanner(self, now: float) -> None:
+        assert self.cfg.host_scan is not None
+        done, result, error = self._scanner.poll()
+        if done:
+            if error is not None:
+                self._say_once("scan-error", "host scan failed: %s; retrying every %gs",
+                               error, self.cfg.host_scan.interval)
+            elif isinstance(result, hostscan.HostScan):
+                with self._lock:
+                    self.scan = result
+                self._explain(result)
+        if self._scanner.busy:
+            if now - self._scanner.started_at > SCAN_STUCK:
+                self._say_once("scan-stuck", "host scan: still running after %.0fs: reading "
+                               "some process's /proc/PID/maps is stuck in the kernel (a process "
+                               "hung in a page fault?); no new scan starts until it returns",
+                               now - self._scanner.started_at)
+            return
+        if now < self._next_scan:
+            return
+        proc, sysr, clock = self.procfs_root, self.sys_root, self.clock
+        deadline = now + min(SCAN_DEADLINE, self.cfg.host_scan.interval)
+        self._scanner.start(lambda: hostscan.scan(proc, sysr, deadline=deadline, clock=clock),
+                            now)
+        self._next_scan = now + self.cfg.host_scan.interval
+
+    def _explain(self, s: hostscan.HostScan) -> None:
+        """Say once, clearly, why the scan sees less than the whole host."""
+        if s.hidepid:
+            self._say_once("hidepid", "host scan: /proc is mounted with hidepid=%s (systemd's "
+                           "ProtectProc=invisible), so the scan sees only aiod's own "
+                           "processes, not the host's; to scan the host, %s",
+                           s.hidepid, HIDDEN_HINT)
+        if s.unreadable:
+            perm = s.errors.get("EACCES", 0) + s.errors.get("EPERM", 0)
+            if perm:
+                self._say_once("ptrace", "host scan: cannot read /proc/PID/maps of %d "
+                               "processes of other users: aiod lacks CAP_SYS_PTRACE, so their "
+                               "AIO events count as unattributed; to scan them, %s",
+                               perm, HIDDEN_HINT)
+        if s.unscanned:
+            self._say_once("deadline", "host scan: stopped after %gs with %d processes not "
+                           "scanned; their events count as unattributed", SCAN_DEADLINE,
+                           s.unscanned)
+
+    # ------------------------------------------------------------ reports
+    def status(self) -> str | None:
+        """A fragment for systemd's STATUS= line while pools are yielding."""
+        n = self.policy.yielded()
+        if not n:
+            return None
+        return (f"yielding {n} context{'s' if n != 1 else ''} to other processes "
+                f"(free AIO headroom {self.last_free} < reserve {self.last_reserve})"
+                if self.last_free is not None and self.last_free < self.last_reserve else
+                f"yielding {n} context{'s' if n != 1 else ''} to other processes")
+
+    def final_report(self) -> dict[str, object]:
+        """After every pool is destroyed: rings still mapped are leaks. Blocking is fine here."""
+        try:
+            left = own_rings(self.procfs_root)
+        except OSError as e:
+            return {"context_leaks": len(self.audit.seen), "aio_rings_left": None,
+                    "context_leak_details": [f"cannot read /proc/self/maps: {e.strerror}"]}
+        at_exit = {Leak("unrecorded", r.start, r.size // hostscan.PAGE) for r in left}
+        for leak in sorted(at_exit - self.audit.seen, key=lambda x: x.address):
+            log.error("context leak at shutdown: %s", leak.describe())
+        leaks = self.audit.seen | at_exit
+        return {"context_leaks": len(leaks), "aio_rings_left": len(left),
+                "context_leak_details": sorted(x.describe() for x in leaks)}
+
+    # ------------------------------------------------------------ metrics
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client Collector protocol; runs on the scrape thread."""
+        with self._lock:
+            yields = dict(self.yields)
+            scan = self.scan
+        targets = dict(self.policy.targets)
+        g = GaugeMetricFamily("aiod_context_leaks", "AIO contexts whose kernel ring and "
+                              "aiod's records disagree (normally 0; see the log).")
+        g.add_metric([], len(self.audit.current))
+        yield g
+        c = CounterMetricFamily("aiod_pool_yields", "Times the pool shrank to give AIO "
+                                "headroom back to other processes.", labels=["pool"])
+        t = GaugeMetricFamily("aiod_pool_contexts_target", "Contexts the pool should have "
+                              "now: its configured contexts, less what it yields.",
+                              labels=["pool"])
+        for name in sorted(targets):
+            c.add_metric([name], yields.get(name, 0))
+            t.add_metric([name], targets[name])
+        yield c
+        yield t
+        g = GaugeMetricFamily("aiod_headroom_reserve_events", "AIO events aiod keeps free "
+                              "for other processes (headroom_reserve; 0 is off).")
+        g.add_metric([], self.last_reserve)
+        yield g
+        if scan is not None and self.cfg.host_scan is not None:
+            yield from host_metrics(scan, self.cfg.host_scan.top)
+
+
+def host_metrics(scan: hostscan.HostScan, top: int) -> Iterator[Metric]:
+    """At most 2 * (top + 1) + 5 series, whatever the host runs: no pid label."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for h in scan.processes:
+        g = groups.setdefault((h.comm, h.unit or ""), [0, 0])
+        g[0] += h.events_lo
+        g[1] += h.events_hi
+    ranked = sorted(groups.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))
+    ev = GaugeMetricFamily("aiod_host_aio_events", "AIO events charged to fs.aio-nr by the "
+                           "largest holders on the host, as bounds from their ring sizes; "
+                           "the rest summed as comm=\"other\".", labels=["comm", "unit", "bound"])
+    for (comm, unit), (lo, hi) in ranked[:top]:
+        ev.add_metric([comm, unit, "lo"], lo)
+        ev.add_metric([comm, unit, "hi"], hi)
+    rest = ranked[top:]
+    ev.add_metric(["other", "", "lo"], sum(v[0] for _, v in rest))
+    ev.add_metric(["other", "", "hi"], sum(v[1] for _, v in rest))
+    yield ev
+    un = GaugeMetricFamily("aiod_host_aio_unattributed_events", "Part of fs.aio-nr that no "
+                           "scanned process accounts for (hidden or unreadable processes, "
+                           "rings being set up), as bounds.", labels=["bound"])
+    un.add_metric(["lo"], scan.unattributed_lo)
+    un.add_metric(["hi"], scan.unattributed_hi)
+    yield un
+    g = GaugeMetricFamily("aiod_host_aio_processes", "Processes holding AIO contexts, by the "
+                          "last host scan.")
+    g.add_metric([], len(scan.processes))
+    yield g
+    g = GaugeMetricFamily("aiod_host_scan_unreadable_processes", "Processes whose "
+                          "/proc/PID/maps the last host scan could not read.")
+    g.add_metric([], scan.unreadable)
+    yield g
+    g = GaugeMetricFamily("aiod_host_scan_duration_seconds", "Wall time of the last host scan.")
+    g.add_metric([], scan.seconds)
+    yield g
+
