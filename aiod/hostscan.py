@@ -24,7 +24,9 @@ thousand processes costs about one read of each maps file.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -203,6 +205,85 @@ def _read(path: str) -> bytes:
         os.close(fd)
 
 
+# PROCMAP_QUERY (Linux 6.11+): an ioctl on an open /proc/PID/maps that returns
+# one VMA at a time, filtered in the kernel. Asking only for shared,
+# file-backed VMAs (AIO rings are both; a process's libraries, heap and stack
+# are not) skips formatting the whole maps text, most of a scan's cost.
+class _ProcmapQuery(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint64), ("query_flags", ctypes.c_uint64),
+                ("query_addr", ctypes.c_uint64), ("vma_start", ctypes.c_uint64),
+                ("vma_end", ctypes.c_uint64), ("vma_flags", ctypes.c_uint64),
+                ("vma_page_size", ctypes.c_uint64), ("vma_offset", ctypes.c_uint64),
+                ("inode", ctypes.c_uint64), ("dev_major", ctypes.c_uint32),
+                ("dev_minor", ctypes.c_uint32), ("vma_name_size", ctypes.c_uint32),
+                ("build_id_size", ctypes.c_uint32), ("vma_name_addr", ctypes.c_uint64),
+                ("build_id_addr", ctypes.c_uint64)]
+
+
+assert ctypes.sizeof(_ProcmapQuery) == 104
+PROCMAP_QUERY = (3 << 30) | (ctypes.sizeof(_ProcmapQuery) << 16) | (ord("f") << 8) | 17
+_QUERY_SHARED_FILE = 0x08 | 0x10 | 0x20   # VMA_SHARED | COVERING_OR_NEXT_VMA | FILE_BACKED
+
+
+class _Querier:
+    """Rings of one process through PROCMAP_QUERY; ``supported`` False once the
+    kernel says it has no such ioctl (the caller then reads the maps text)."""
+
+    def __init__(self) -> None:
+        self.q = _ProcmapQuery()
+        self.name = ctypes.create_string_buffer(4096 + 1)
+        self.name_addr = ctypes.addressof(self.name)
+        self.supported = True
+
+    def rings(self, fd: int) -> list[Ring] | None:
+        """None when the ioctl is not available here."""
+        q, out, addr = self.q, [], 0
+        while True:
+            q.size = ctypes.sizeof(q)
+            q.query_flags = _QUERY_SHARED_FILE
+            q.query_addr = addr
+            q.vma_name_size = len(self.name)
+            q.vma_name_addr = self.name_addr
+            q.build_id_size = 0
+            q.build_id_addr = 0
+            try:
+                fcntl.ioctl(fd, PROCMAP_QUERY, q)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ESRCH):
+                    return out      # no more VMAs, or the process is gone
+                if e.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP) and not out \
+                        and addr == 0:
+                    self.supported = False
+                    return None
+                if e.errno == errno.ENAMETOOLONG:   # not ours: a long path name
+                    addr = q.vma_end if q.vma_end > addr else addr + PAGE
+                    continue
+                raise
+            if self.name.raw.startswith(AIO_MARK):
+                out.append(Ring(q.vma_start, q.vma_end - q.vma_start,
+                                f"{q.dev_major:02x}:{q.dev_minor:02x}", q.inode))
+            addr = q.vma_end
+
+
+def _process_rings(path: str, querier: _Querier) -> list[Ring]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if querier.supported:
+            got = querier.rings(fd)
+            if got is not None:
+                return got
+        chunks = []
+        while True:
+            b = os.read(fd, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        os.close(fd)
+    maps = b"".join(chunks)
+    return parse_rings(maps) if AIO_MARK in maps else []
+
+
 def _start_time(proc: str, pid: int) -> int:
     """Start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
     stat = _read(f"{proc}/{pid}/stat")
@@ -237,11 +318,13 @@ def proc_hidepid(procfs_root: str | os.PathLike[str] = "/proc") -> str | None:
 def scan(procfs_root: str | os.PathLike[str] = "/proc",
          sys_root: str | os.PathLike[str] = "/sys", *,
          deadline: float | None = None,
-         clock: Callable[[], float] = time.monotonic) -> HostScan:
+         clock: Callable[[], float] = time.monotonic,
+         use_query: bool = True) -> HostScan:
     """Scan every process under procfs_root. Never raises for a process's sake.
 
     ``deadline`` (a ``clock()`` time) stops the scan early; the processes not
-    reached are counted in ``unscanned``.
+    reached are counted in ``unscanned``. ``use_query=False`` reads the maps
+    text even where PROCMAP_QUERY exists (benchmarks of older kernels' path).
     """
     t0 = clock()
     proc = os.fspath(procfs_root)
@@ -256,12 +339,14 @@ def scan(procfs_root: str | os.PathLike[str] = "/proc",
     unreadable = scanned = unscanned = 0
     errors: dict[str, int] = {}
     found: dict[int, list[Ring]] = {}
+    querier = _Querier()
+    querier.supported = use_query
     for i, pid in enumerate(pids):
         if deadline is not None and (i & 31) == 0 and clock() > deadline:
             unscanned = len(pids) - i
             break
         try:
-            maps = _read(f"{proc}/{pid}/maps")
+            rings = _process_rings(f"{proc}/{pid}/maps", querier)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ESRCH):
                 continue    # exited since listdir: it holds nothing now
@@ -270,10 +355,8 @@ def scan(procfs_root: str | os.PathLike[str] = "/proc",
             errors[name] = errors.get(name, 0) + 1
             continue
         scanned += 1
-        if AIO_MARK in maps:
-            rings = parse_rings(maps)
-            if rings:
-                found[pid] = rings
+        if rings:
+            found[pid] = rings
 
     # A ring mapped by several processes (fork) belongs to the oldest of them.
     owner: dict[tuple[str, int], int] = {}
