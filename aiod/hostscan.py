@@ -17,9 +17,10 @@ A forked child keeps a copy of its parent's ring mapping but owns no context:
 rings are counted once per (device, inode), for the oldest process mapping it.
 
 Nothing here needs privileges: a maps file that cannot be read is counted as
-unreadable, a process that exits mid-scan is skipped. Only processes that
-hold rings get their comm, cgroup and start time read, so a scan of a
-thousand processes costs about one read of each maps file.
+unreadable, a process that exits mid-scan is skipped. Where the kernel has
+PROCMAP_QUERY (6.11+) it is asked for the shared file-backed mappings only,
+instead of formatting every mapping as text; only processes that hold rings
+get their comm, cgroup and start time read.
 """
 
 from __future__ import annotations
@@ -416,6 +417,10 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def format_table(s: HostScan) -> str:
     rows = [("PID", "COMMAND", "UNIT", "RINGS", "BYTES", "EVENTS")]
     for h in s.processes:
@@ -429,7 +434,7 @@ def format_table(s: HostScan) -> str:
         lines.append("(no process holds an AIO context)")
     lines.append(f"fs.aio-nr {s.aio_nr} of fs.aio-max-nr {s.aio_max_nr}; "
                  f"unattributed {s.unattributed_lo}..{s.unattributed_hi} events; "
-                 f"{s.unreadable} processes unreadable")
+                 f"{_count(s.unreadable, 'process', 'processes')} unreadable")
     return "\n".join(lines)
 
 
@@ -456,7 +461,8 @@ def why_incomplete(s: HostScan, ptrace: bool | None = None) -> list[str]:
                "security module)" if ptrace else
                "run it as root (or with CAP_SYS_PTRACE) to see who they are")
         detail = ", ".join(f"{n} {e}" for e, n in sorted(s.errors.items()))
-        out.append(f"could not read the memory maps of {s.unreadable} processes ({detail}); "
+        out.append(f"could not read the memory maps of "
+                   f"{_count(s.unreadable, 'process', 'processes')} ({detail}); "
                    f"{how}")
     if s.unscanned:
         out.append(f"{s.unscanned} processes were not scanned: the scan ran out of time")

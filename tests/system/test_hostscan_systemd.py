@@ -4,13 +4,14 @@ process holding contexts shows up in the metrics under its unit)."""
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import pytest
 
 from tests.system import nspawn
-from tests.system.support import (REPO, AiodService, aiod_yaml, metric_sum, parse_metrics,
-                                  http_get, wait_for)
+from tests.system.support import (REPO, AiodService, Sample, aiod_yaml, http_get, metric_sum,
+                                  parse_metrics, wait_for)
 
 pytestmark = pytest.mark.system
 
@@ -43,19 +44,16 @@ def holder(container: nspawn.Container) -> Iterator[None]:
         container.sh("systemctl stop aioholder")
 
 
-def samples(svc: AiodService) -> list:  # type: ignore[type-arg]
+def samples(svc: AiodService) -> list[Sample]:
     got = http_get(svc.url("/metrics"))
     return parse_metrics(got[1]) if got and got[0] == 200 else []
 
 
 def scanned(svc: AiodService, times: int) -> None:
     """Wait until aiod has finished ``times`` more scans (1 s apart)."""
-    first = wait_for("a host scan", lambda: metric_sum(samples(svc), "aiod_host_aio_processes")
-                     or None, 30)
-    assert first
-    # scans run every second: after times + 1 seconds, at least `times` more ran
-    import time
-    time.sleep(times + 1)
+    wait_for("a host scan", lambda: metric_sum(samples(svc), "aiod_host_aio_processes") or None,
+             30)
+    time.sleep(times + 1)   # scans run every second: at least `times` more by then
 
 
 def test_scan_without_the_dropin_says_once_why_it_sees_only_aiod(
@@ -84,7 +82,7 @@ def test_scan_with_the_dropin_sees_a_holder_under_its_unit(
         assert aiod.systemctl("restart", timeout=60).returncode == 0
         assert aiod.prop("ProtectProc") == "default"
 
-        def seen() -> list | None:  # type: ignore[type-arg]
+        def seen() -> list[Sample] | None:
             m = samples(aiod)
             return m if metric_sum(m, "aiod_host_aio_events", comm="aioholder") else None
         m = wait_for("aioholder in aiod_host_aio_events", seen, 30)
