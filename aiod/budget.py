@@ -372,9 +372,9 @@ def host_metrics(scan: hostscan.HostScan, top: int) -> Iterator[Metric]:
     """At most 2 * (top + 1) + 5 series, whatever the host runs: no pid label."""
     groups: dict[tuple[str, str], list[int]] = {}
     for h in scan.processes:
-        g = groups.setdefault((h.comm, h.unit or ""), [0, 0])
-        g[0] += h.events_lo
-        g[1] += h.events_hi
+        sums = groups.setdefault((h.comm, h.unit or ""), [0, 0])
+        sums[0] += h.events_lo
+        sums[1] += h.events_hi
     ranked = sorted(groups.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))
     ev = GaugeMetricFamily("aiod_host_aio_events", "AIO events charged to fs.aio-nr by the "
                            "largest holders on the host, as bounds from their ring sizes; "

@@ -93,12 +93,12 @@ class HeadroomPolicy:
                 self._ok_since = now
             if now - self._ok_since >= GROW_SETTLE:
                 while True:
-                    cands = [(p.nr_events, n) for n, p in self.pools.items()
-                             if self.targets[n] < p.contexts and
-                             free - 2 * p.nr_events >= reserve]
-                    if not cands:
+                    growable = [(p.nr_events, n) for n, p in self.pools.items()
+                                if self.targets[n] < p.contexts and
+                                free - 2 * p.nr_events >= reserve]
+                    if not growable:
                         break
-                    nr_events, name = min(cands)
+                    nr_events, name = min(growable)
                     self.targets[name] += 1
                     d.grown[name] = d.grown.get(name, 0) + 1
                     free -= nr_events

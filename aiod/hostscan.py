@@ -79,7 +79,9 @@ def possible_cpus(sys_root: str | os.PathLike[str] = "/sys") -> int:
 def legacy_charge(osrelease: str) -> bool:
     """True for kernels that charged 2*max(n, 4*C) per context (before 4.12)."""
     m = re.match(r"(\d+)\.(\d+)", osrelease)
-    return bool(m) and (int(m.group(1)), int(m.group(2))) < (4, 12)
+    if m is None:
+        return False
+    return (int(m.group(1)), int(m.group(2))) < (4, 12)
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ class HostScan:
 def _read(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             b = os.read(fd, 1 << 16)
             if not b:
@@ -238,7 +240,8 @@ class _Querier:
 
     def rings(self, fd: int) -> list[Ring] | None:
         """None when the ioctl is not available here."""
-        q, out, addr = self.q, [], 0
+        q, addr = self.q, 0
+        out: list[Ring] = []
         while True:
             q.size = ctypes.sizeof(q)
             q.query_flags = _QUERY_SHARED_FILE
@@ -273,7 +276,7 @@ def _process_rings(path: str, querier: _Querier) -> list[Ring]:
             got = querier.rings(fd)
             if got is not None:
                 return got
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             b = os.read(fd, 1 << 16)
             if not b:
