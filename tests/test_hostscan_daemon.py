@@ -4,12 +4,16 @@ the metrics it exports, with a bounded number of series."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
 
 from aiod import budget as budget_mod, config, hostscan
 from aiod.budget import Budget, host_metrics
@@ -150,3 +154,25 @@ def test_workers_do_not_outlive_a_clean_shutdown(tmp_path: Path) -> None:
     while any(t.name.startswith("aiod-") for t in threading.enumerate()):
         assert time.monotonic() < deadline, threading.enumerate()
         time.sleep(0.01)
+
+
+def test_promtool_check_metrics_is_clean_for_the_budget_series() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; make test installs it)")
+    cfg = config.parse("headroom_reserve: 5%\nhost_scan: {top: 2}\nstate_directory: /tmp\n"
+                       "pools:\n  - {name: default, contexts: 4, min_contexts: 1, "
+                       "nr_events: 8}\n", "t", env={})
+    b = Budget(cfg)
+    b.scan = hostscan.scan()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(b)  # type: ignore[arg-type]
+    text = generate_latest(registry)
+    for name in (b"aiod_context_leaks", b"aiod_pool_yields_total", b"aiod_pool_contexts_target",
+                 b"aiod_host_aio_events", b"aiod_host_aio_unattributed_events",
+                 b"aiod_host_aio_processes", b"aiod_host_scan_duration_seconds"):
+        assert b"\n" + name in text, name
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == b"" and r.stderr.strip() == b"", \
+        (r.stdout + r.stderr).decode()
