@@ -304,11 +304,16 @@ class Budget:
                            s.hidepid, HIDDEN_HINT)
         if s.unreadable:
             perm = s.errors.get("EACCES", 0) + s.errors.get("EPERM", 0)
-            if perm:
+            if perm and not hostscan.has_cap_sys_ptrace(self.procfs_root):
                 self._say_once("ptrace", "host scan: cannot read /proc/PID/maps of %d "
                                "processes of other users: aiod lacks CAP_SYS_PTRACE, so their "
                                "AIO events count as unattributed; to scan them, %s",
                                perm, HIDDEN_HINT)
+            elif perm:
+                self._say_once("refused", "host scan: the kernel refused /proc/PID/maps of %d "
+                               "processes even with CAP_SYS_PTRACE (another user namespace or "
+                               "a security module); their AIO events count as unattributed",
+                               perm)
         if s.unscanned:
             self._say_once("deadline", "host scan: stopped after %gs with %d processes not "
                            "scanned; their events count as unattributed", SCAN_DEADLINE,
