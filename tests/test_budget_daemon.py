@@ -8,6 +8,7 @@ events the test takes are held for a few seconds only.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -100,6 +101,17 @@ def test_pool_yields_headroom_and_takes_it_back_without_losing_an_op(
         before = d.metric_sum("aiod_ops_completed_total", job="load")
         d.wait_until(lambda: d.metric_sum("aiod_ops_completed_total", job="load") > before + 100,
                      what="the load job to go on in the smaller pool")
+        # A reload while yielding keeps the yield: no grow-then-shrink-again cycle.
+        yields = d.metric_sum("aiod_pool_yields_total", pool="elastic")
+        setups = d.metric_sum("aiod_context_setups_total", pool="elastic")
+        n = len(d.notify.collect())
+        d.signal(signal.SIGHUP)
+        i = d.notify.wait_for("RELOADING=1", start=n)
+        d.notify.wait_for("READY=1", start=i)
+        assert "configuration reloaded" in d.log
+        assert (target(d), active(d)) == (shrunk, shrunk)
+        assert d.metric_sum("aiod_context_setups_total", pool="elastic") == setups
+        assert d.metric_sum("aiod_pool_yields_total", pool="elastic") == yields
     finally:
         taker.close()
 
