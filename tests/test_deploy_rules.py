@@ -73,7 +73,8 @@ def test_the_issue_s_alerts_are_all_there() -> None:
                    "aiod_job_last_completion_timestamp_seconds", "aiod_ops_failed_any_total",
                    "histogram_quantile(0.99", "aiod_config_last_reload_successful",
                    "aiod_context_destroy_failures_total", "aiod_kernel_aio_max_nr",
-                   "predict_linear(aiod_kernel_aio_nr"):
+                   "predict_linear(aiod_kernel_aio_nr", "aiod_context_leaks",
+                   "aiod_host_aio_events"):
         assert any(needle in e for e in exprs.values()), needle
 
 

@@ -293,7 +293,7 @@ def _dashboard_and_alerts_against(workdir: Path, fs: FaultFS) -> None:
      op: randread, block_size: 4KiB, direct: true, rate: 20/s, timeout: 5s}}
   - {{name: gone, pool: default, type: probe, target: "{workdir}/no/such/dir/x.dat",
      op: randread, block_size: 4KiB, direct: true, rate: 20/s, timeout: 5s}}
-"""))
+""") + "host_scan: {interval: 1s, top: 5}\n")  # for AiodAioHolderGrowing's series
     shutil.copy(RULES, workdir / "rules.yml")
     scrape = yaml.safe_load(SCRAPE_CONFIG.read_text())
     (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "aiod"]
