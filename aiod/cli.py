@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# `aiod run` catches its signals before anything slow (see main), so this
+# module imports only what that needs at the top; the rest comes later.
 import argparse
 import errno
 import os
@@ -10,9 +12,10 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from aiod import __version__, aio
+from aiod import __version__
 from aiod.exit_codes import (EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_SERVING, EXIT_OK,
                              EXIT_TEMPFAIL, EXIT_UNREACHABLE, EXIT_USAGE)
+from aiod.signals import SignalInbox
 
 if TYPE_CHECKING:
     from aiod.config import Config
@@ -43,6 +46,7 @@ signals (aiod run):
 
 def smoke() -> int:
     """Write and read back one block through a real kernel context."""
+    from aiod import aio
     before, max_nr = aio.system_aio_usage()
     with tempfile.TemporaryDirectory(prefix="aiod-smoke-", dir="/var/tmp") as d:
         path = os.path.join(d, "smoke.dat")
@@ -115,14 +119,17 @@ def aio_usage(as_json: bool, procfs_root: str) -> int:
     return EXIT_OK
 
 
-def run(config_path: str | None) -> int:
+def run(config_path: str | None, signals: SignalInbox) -> int:
     from aiod import logs
     from aiod.daemon import Daemon
-    cfg = load_config(config_path)
-    if cfg is None:
-        return EXIT_CONFIG
-    logs.setup(cfg.log_level)
-    return Daemon(cfg, config_path=config_path).run()
+    try:
+        cfg = load_config(config_path)
+        if cfg is None:
+            return EXIT_CONFIG
+        logs.setup(cfg.log_level)
+        return Daemon(cfg, config_path=config_path, signals=signals).run()
+    finally:
+        signals.finish()
 
 
 def status(url: str | None, config_path: str | None, as_json: bool, timeout: float) -> int:
@@ -196,10 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    signals = SignalInbox()
+    if args_in[:1] == ["run"]:
+        # First thing, before the imports and the configuration: from here a
+        # SIGTERM is recorded and acted on once aiod can, never the default
+        # action that would kill it without a report.
+        signals.install()
+    args = build_parser().parse_args(args_in)
+    from aiod import aio
     try:
         if args.command == "run":
-            return run(args.config)
+            return run(args.config, signals)
         if args.command == "check-config":
             return check_config(args.path)
         if args.command == "smoke":

@@ -4,9 +4,9 @@
     main_loop()  submit what is due, wait for completions or a signal, reap
     shutdown()   drain -> cancel -> destroy -> report, exit 0
 
-Signal handlers only record the signal (and wake the loop through the wakeup
-fd); the main loop acts on them: TERM/INT shut down, a second TERM/INT during
-the drain skips to cancel, HUP reloads (and is ignored during shutdown).
+Signal handlers (aiod.signals) only record the signal and wake the loop; the
+loop acts on them: TERM/INT shut down, a second TERM/INT during the drain
+skips to cancel, HUP reloads (and is ignored during shutdown).
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import logging
 import os
 import select
 import signal
-import socket
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -34,6 +32,7 @@ from aiod.jobs import Job, JobState
 from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
+from aiod.signals import SignalInbox
 from aiod.status import DaemonInfo, RecentLatency, build as build_status
 from aiod.targets import OwnedFiles, write_atomic
 
@@ -79,7 +78,8 @@ class Daemon:
                  procfs_root: str | os.PathLike[str] = "/proc",
                  env: Mapping[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 signals: SignalInbox | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.env = os.environ if env is None else env
@@ -94,10 +94,9 @@ class Daemon:
         self._retiring_pools: list[_RetiringPool] = []
         self._ended_pools: list[PoolSnapshot] = []
         self._owner: dict[int, Job] = {}
-        self._signals: deque[int] = deque()
-        self._wakeup_r: socket.socket | None = None
-        self._wakeup_w: socket.socket | None = None
-        self._old_handlers: dict[int, object] = {}
+        # `aiod run` installs the handlers before anything else; a Daemon made
+        # some other way installs its own at startup.
+        self.signals = signals if signals is not None else SignalInbox()
         self.metrics: MetricsServer | None = None
         self._registry = make_registry(self)
         # The host's AIO budget: headroom yields, self-audit, host scan (aiod.budget).
@@ -118,7 +117,7 @@ class Daemon:
     # ================================================================ startup
     def startup(self) -> None:
         """Pools up, metrics bound, jobs started, then READY=1. Raises StartupError."""
-        self._install_signal_handlers()
+        self.signals.install()
         self.aio_nr_before = aio.system_aio_usage(self.procfs_root)[0]
         problem = self.budget.room_problem()
         if problem:
@@ -221,32 +220,12 @@ class Daemon:
             self._owner[id(op)] = job
         return job
 
-    def _install_signal_handlers(self) -> None:
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
-        self._wakeup_r.setblocking(False)
-        self._wakeup_w.setblocking(False)
-        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self._old_handlers[sig] = signal.signal(sig, self._record_signal)
-
-    def _record_signal(self, signum: int, frame: object) -> None:
-        """NO work here, no logging: just record it; the main loop acts."""
-        self._signals.append(signum)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, h in self._old_handlers.items():
-            signal.signal(sig, h)  # type: ignore[arg-type]
-        signal.set_wakeup_fd(-1)
-        for s in (self._wakeup_r, self._wakeup_w):
-            if s is not None:
-                s.close()
-
     # ============================================================== main loop
     def main_loop(self) -> int:
         """Serve until TERM/INT. Returns the signal that ended it."""
         while True:
-            while self._signals:
-                sig = self._signals.popleft()
+            while self.signals:
+                sig = self.signals.pop()
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     log.info("received %s: shutting down", signal.Signals(sig).name)
                     return sig
@@ -272,16 +251,12 @@ class Daemon:
 
     def _wait(self, timeout: float) -> None:
         fds: list[int] = [p.eventfd for p in self._all_pools() if p.eventfd is not None]
-        if self._wakeup_r is not None:
-            fds.append(self._wakeup_r.fileno())
-        if timeout > 0 and not self._signals:
+        wakeup = self.signals.fileno()
+        if wakeup is not None:
+            fds.append(wakeup)
+        if timeout > 0 and not self.signals:
             select.select(fds, [], [], timeout)
-        if self._wakeup_r is not None:
-            try:
-                while self._wakeup_r.recv(512):
-                    pass
-            except (BlockingIOError, InterruptedError):
-                pass
+        self.signals.clear_wakeup()
 
     def _all_pools(self) -> list[Pool]:
         return list(self.pools.values()) + [r.pool for r in self._retiring_pools]
@@ -482,7 +457,7 @@ class Daemon:
             got = self._reap_all()
             drained += got
             self._tick()
-            for sig in self._take_signals():
+            for sig in self.signals.take():
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     log.warning("second %s during the drain: cancelling now",
                                 signal.Signals(sig).name)
@@ -516,7 +491,7 @@ class Daemon:
         if cancel["requested"] or cancel["uncancellable"]:
             log.info("cancel: %d cancelled, %d could not be cancelled (file or block I/O)",
                      cancel["cancelled"], cancel["uncancellable"])
-        self._take_signals()
+        self._log_signals_while_stopping()
 
         # 4. Destroy every context, all pools within one destroy_timeout.
         self.phase = Phase.DESTROYING
@@ -564,7 +539,6 @@ class Daemon:
         self._write_report(report)
         if self.metrics is not None:
             self.metrics.close()
-        self._restore_signal_handlers()
 
         # 6. Close the targets last: close() of a file on a hung device can
         #    block (FUSE and NFS flush on close), and the report must be out first.
@@ -573,10 +547,10 @@ class Daemon:
             job.close_if_idle()
         return ShutdownResult(EXIT_OK, report)
 
-    def _take_signals(self) -> list[int]:
-        out = list(self._signals)
-        self._signals.clear()
-        return out
+    def _log_signals_while_stopping(self) -> None:
+        for sig in self.signals.take():
+            log.info("%s while %s: already shutting down; ignored",
+                     signal.Signals(sig).name, self.phase.value)
 
     def _write_report(self, report: dict[str, object]) -> None:
         path = self.cfg.state_directory / REPORT_FILE
@@ -594,13 +568,17 @@ class Daemon:
     def run(self) -> int:
         """startup, main_loop, shutdown; returns the exit code."""
         try:
-            self.startup()
-        except StartupError as e:
-            log.error("%s", e)
-            self._restore_signal_handlers()
-            return e.exit_code
-        sig = self.main_loop()
-        return self.shutdown(signal.Signals(sig).name).exit_code
+            try:
+                self.startup()
+            except StartupError as e:
+                log.error("%s", e)
+                return e.exit_code
+            sig = self.main_loop()
+            return self.shutdown(signal.Signals(sig).name).exit_code
+        finally:
+            # Never back to the default actions: a late TERM must not kill a
+            # daemon that has written its report and is exiting.
+            self.signals.finish("after the shutdown had finished")
 
     def _in_flight(self) -> int:
         return sum(p.in_flight for p in self._all_pools())

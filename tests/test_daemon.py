@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,10 +11,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 
 from aiod import aio
 from tests.conftest import live_contexts
-from tests.daemon_harness import AIOD, ROOT, Aiod
+from tests.daemon_harness import AIOD, ROOT, Aiod, free_port
 
 
 def base_config(**over: Any) -> dict[str, Any]:
@@ -352,3 +354,68 @@ def test_sigterm_during_startup_still_shuts_down_cleanly(tmp_path: Path) -> None
     assert rep["failed_to_destroy"] == []
     assert all(c["state"] == "destroyed" for p in rep["pools"] for c in p["contexts"])
     assert (d.state / "big.dat").stat().st_size == 256 << 20
+
+
+def _wchan(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def test_sigterm_while_the_config_is_still_being_read_is_acted_on_not_fatal(
+        tmp_path: Path) -> None:
+    # The config comes through a FIFO (as from `--config <(generate)`), so aiod
+    # is held at its very start, reading it, when the TERM arrives.
+    fifo = tmp_path / "aiod-config.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "state").mkdir()
+    port = free_port()
+    cfg = base_config(state_directory=str(tmp_path / "state"),
+                      metrics={"listen": f"127.0.0.1:{port}"})
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env["PYTHONPATH"] = str(ROOT)
+    with open(tmp_path / "aiod.log", "w") as out:
+        proc = subprocess.Popen(AIOD + ["run", "--config", str(fifo)], stdout=out, stderr=out,
+                                env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while _wchan(proc.pid) != "wait_for_partner":  # blocked opening the FIFO
+            assert proc.poll() is None and time.monotonic() < deadline, proc.poll()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert proc.poll() is None, "SIGTERM took the default action: killed without a report"
+        fifo.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "aiod.log").read_text()
+    assert "received SIGTERM: shutting down" in log and "Traceback" not in log
+    rep = json.loads((tmp_path / "state" / "shutdown-report.json").read_text())
+    assert rep["invariant_holds"] and rep["reason"] == "SIGTERM"
+
+
+def test_sigterms_up_to_the_very_exit_are_logged_and_ignored_never_fatal(
+        daemons: list[Aiod], tmp_path: Path) -> None:
+    cfg = base_config(jobs=[
+        {"name": "load", "pool": "default", "type": "load", "target": "load.dat",
+         "size": "8MiB", "op": "randrw", "block_size": "4KiB", "direct": True, "iodepth": 64}])
+    d = start(daemons, tmp_path, cfg)
+    d.wait_until(lambda: d.metric_sum("aiod_ops_completed_total", job="load") > 1000,
+                 what="the load to run")
+    d.signal(signal.SIGTERM)
+    # Then TERM after TERM, through the drain, the report and the exit itself.
+    while d.proc.poll() is None:
+        try:
+            d.signal(signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
+    assert d.wait(30) == 0
+    rep = d.report()
+    assert rep["invariant_holds"] and rep["totals"]["in_flight"] == 0
+    assert "received SIGTERM after the shutdown had finished; ignoring it" in d.log
