@@ -344,9 +344,7 @@ def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
     if progress:
         sys.stdout.write("\r" + " " * 60 + "\r")
     # Shutdown through the same steps as the daemon: nothing is left out.
-    pool.drain(30.0)
-    pool.cancel()
-    pool.destroy(30.0)
+    pool.close(drain_timeout=30.0, destroy_timeout=30.0)
     snap = pool.snapshot()
     _fold(raw, hist, lhist)
     pct = percentiles(hist, (50.0, 90.0, 99.0, 99.9))

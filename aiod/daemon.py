@@ -7,6 +7,10 @@
 Signal handlers (aiod.signals) only record the signal and wake the loop; the
 loop acts on them: TERM/INT shut down, a second TERM/INT during the drain
 skips to cancel, HUP reloads (and is ignored during shutdown).
+
+The loop never waits on the kernel's teardown of a context: shrinks, pool
+removals and shutdown hand contexts to their pool's teardown (aiod.teardown),
+which io_destroys them on threads while the loop keeps turning.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from aiod.budget import Budget
 from aiod.config import Config, ConfigError, JobConfig
 from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
 from aiod.jobs import Job, JobState
+from aiod.lifecycle import ContextState
 from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
 from aiod.signals import SignalInbox
 from aiod.status import DaemonInfo, RecentLatency, build as build_status
 from aiod.targets import OwnedFiles, write_atomic
+from aiod.teardown import Step, TeardownCounts
 
 log = logging.getLogger("aiod.daemon")
 
@@ -42,7 +48,6 @@ REPORT_FILE = "shutdown-report.json"
 STATUS_INTERVAL = 5.0
 MAX_WAIT = 0.5          # the loop wakes at least this often (watchdog, status, timers)
 HEALTH_STALL = 10.0     # /healthz fails when the loop has not turned for this long
-CANCEL_WAIT = 1.0       # how long to wait for cancelled ops' completions
 
 
 class Phase(str, enum.Enum):
@@ -64,6 +69,18 @@ class StartupError(Exception):
 class _RetiringPool:
     pool: Pool
     since: float
+
+
+@dataclass
+class _Stopping:
+    """What one shutdown has done so far, for its report."""
+
+    before: TeardownCounts
+    hurried: bool = False
+    drained: int = 0
+    drain_seconds: float = 0.0
+    cancel_seconds: float = 0.0
+    destroy_seconds: float = 0.0
 
 
 @dataclass
@@ -158,7 +175,8 @@ class Daemon:
             log.warning("pool %s: io_setup(%d) failed: %s", pool, nr_events, os.strerror(err),
                         extra={"AIOD_POOL": pool, "ERRNO": err})
         pool = Pool(name, contexts, nr_events, procfs_root=self.procfs_root,
-                    on_setup_failure=on_setup_failure)
+                    on_setup_failure=on_setup_failure,
+                    destroy_timeout=self.cfg.shutdown.destroy_timeout)
         log.info("pool %s: %d contexts x %d nr_events", name, contexts, nr_events,
                  extra={"AIOD_POOL": name})
         return pool
@@ -247,6 +265,10 @@ class Daemon:
             t = job.next_wakeup()
             if t is not None:
                 deadline = min(deadline, t)
+        for pool in self._all_pools():
+            t = pool.next_deadline()
+            if t is not None:
+                deadline = min(deadline, t)
         return deadline
 
     def _wait(self, timeout: float) -> None:
@@ -269,7 +291,7 @@ class Daemon:
                     os.eventfd_read(pool.eventfd)  # reset before reaping: no lost wakeup
                 except BlockingIOError:
                     pass
-            if not pool.in_flight:
+            if not pool.busy:
                 continue
             for op in pool.reap(timeout=0):
                 n += 1
@@ -293,8 +315,8 @@ class Daemon:
             for job in [j for j in self._stopping_jobs if j.close_if_idle()]:
                 self._stopping_jobs.remove(job)
                 self._forget_ops(job)
-        if self._retiring_pools:
-            self._retire_pools(now)
+        if self._retiring_pools and self.phase is Phase.SERVING:
+            self._retire_pools()  # during shutdown, shutdown owns them
 
     def _forget_ops(self, job: Job) -> None:
         for op in job.ops:
@@ -303,20 +325,19 @@ class Daemon:
         if job.name not in self.jobs:  # removed, not restarted under the same name
             job.pool.forget(job.name)
 
-    def _retire_pools(self, now: float) -> None:
-        """Destroy pools removed by a reload once their I/O is done (or too late)."""
+    def _retire_pools(self) -> None:
+        """Pools removed by a reload: each drains for up to drain_timeout, then
+        its teardown cancels and destroys on threads. The loop only looks."""
         for r in list(self._retiring_pools):
-            late = now - r.since >= self.cfg.shutdown.drain_timeout
-            if r.pool.in_flight and not late:
-                continue
-            r.pool.drain(0)
-            r.pool.cancel(CANCEL_WAIT)
-            self._reap_all()
-            rep = r.pool.destroy(self.cfg.shutdown.destroy_timeout)
-            snap = r.pool.snapshot()
-            log.info("pool %s removed: %d contexts destroyed, %d failed; %s",
-                     r.pool.name, rep.destroyed, len(rep.failed), _totals_text(snap.totals()),
-                     extra={"AIOD_POOL": r.pool.name})
+            pool = r.pool
+            if pool.accepting:
+                pool.retire(self.cfg.shutdown.drain_timeout, self.cfg.shutdown.destroy_timeout)
+            if not pool.torn_down or pool.stuck:
+                continue  # a stuck context keeps its pool on show until io_destroy returns
+            snap = pool.snapshot()
+            log.info("pool %s removed: %d contexts destroyed, %d failed; %s", pool.name,
+                     snap.contexts_by_state()["destroyed"], snap.contexts_by_state()["failed"],
+                     _totals_text(snap.totals()), extra={"AIOD_POOL": pool.name})
             with self._state_lock:
                 self._retiring_pools.remove(r)
                 self._ended_pools.append(snap)
@@ -432,84 +453,99 @@ class Daemon:
 
     # =============================================================== shutdown
     def shutdown(self, reason: str = "SIGTERM") -> ShutdownResult:
-        """The whole shutdown, top to bottom. Every op ends accounted for."""
-        # 1. Stop submitting: jobs stop, pools refuse new work.
+        """The whole shutdown, top to bottom. Every op ends accounted for, and
+        the loop keeps turning all through it (watchdog, /healthz, reaping)."""
+        run = _Stopping(before=self._teardown_counts())
+        # 1. Stop submitting: jobs stop; every context of every pool starts its
+        #    teardown (aiod.teardown), draining for up to drain_timeout.
+        self._stop_submitting()
+        # 2. Drain: in-flight I/O completes. A second TERM/INT ends the wait.
+        run.drain_seconds, run.drained = self._turn_while(Step.DRAINING, Phase.DRAINING, run)
+        self._log_drain(run)
+        # 3. Cancel what is left. File and block I/O cannot be cancelled: it is
+        #    counted and logged, not hidden.
+        run.cancel_seconds, _ = self._turn_while(Step.CANCELLING, Phase.CANCELLING, run)
+        # 4. Destroy every context, all pools in parallel, each within
+        #    destroy_timeout; one stuck in the kernel is failed, not waited on.
+        run.destroy_seconds, _ = self._turn_while(Step.DESTROYING, Phase.DESTROYING, run)
+        self.phase = Phase.STOPPED
+        # 5. Report: one log line of totals, and the same as JSON, atomically.
+        report = self._report(reason, run)
+        if self.metrics is not None:
+            self.metrics.close()
+        # 6. Close the targets last: close() of a file on a hung device can
+        #    block (FUSE and NFS flush on close), and the report must be out first.
+        self._close_targets()
+        return ShutdownResult(EXIT_OK, report)
+
+    def _stop_submitting(self) -> None:
         self.phase = Phase.DRAINING
         self.notifier.stopping(f"stopping: draining {self._in_flight()} operations")
         for job in list(self.jobs.values()) + self._stopping_jobs:
             job.stop()
+        sd = self.cfg.shutdown
         for pool in self._all_pools():
-            pool.drain(0)
+            pool.retire(sd.drain_timeout, sd.destroy_timeout)
 
-        # 2. Drain: wait for in-flight I/O, up to drain_timeout. A second
-        #    TERM/INT skips the rest of the wait.
-        t0 = self.clock()
-        drain_timeout = self.cfg.shutdown.drain_timeout
-        deadline = t0 + drain_timeout
-        hurried = False
-        drained = 0
-        last_extend = t0
-        while self._in_flight() and not hurried:
-            now = self.clock()
-            if now >= deadline:
-                break
-            self._wait(min(deadline - now, 0.1))
-            got = self._reap_all()
-            drained += got
+    def _turn_while(self, step: Step, phase: Phase, run: "_Stopping") -> tuple[float, int]:
+        """Turn the loop until no context is on this teardown step; returns the
+        seconds it took and the ops reaped meanwhile."""
+        self.phase = phase
+        if step is not Step.DRAINING:
+            self.notifier.status(f"stopping: {phase.value} contexts")
+        t0 = last_extend = self.clock()
+        reaped = 0
+        while True:
+            got = self._reap_all()  # also moves every teardown on
+            reaped += got
             self._tick()
-            for sig in self.signals.take():
-                if sig in (signal.SIGTERM, signal.SIGINT):
-                    log.warning("second %s during the drain: cancelling now",
-                                signal.Signals(sig).name)
-                    hurried = True
-                else:
-                    log.info("SIGHUP during shutdown: ignored, not reloading")
-            if got and now - last_extend >= 1.0:
+            self._signals_while_stopping(run)
+            if not any(p.teardown_step(step) for p in self._all_pools()):
+                return self.clock() - t0, reaped
+            now = self.clock()
+            if step is Step.DRAINING and got and now - last_extend >= 1.0:
                 # Still making progress: ask systemd for more time, a few seconds at a time.
                 self.notifier.extend_timeout(5.0)
                 self.notifier.status(f"stopping: draining, {self._in_flight()} in flight")
                 last_extend = now
-        drain_seconds = self.clock() - t0
-        remaining = self._in_flight()
-        log.info("drain: %d operations finished in %.3fs, %d still in flight%s",
-                 drained, drain_seconds, remaining,
-                 " (second signal)" if hurried else
-                 (" (drain_timeout reached)" if remaining else ""))
+            self._wait(self._next_deadline(now) - now)
 
-        # 3. Cancel what is left. File and block I/O cannot be cancelled:
-        #    it is counted and logged by the pool, not hidden.
-        self.phase = Phase.CANCELLING
-        t1 = self.clock()
-        cancel = {"requested": 0, "cancelled": 0, "uncancellable": 0}
+    def _signals_while_stopping(self, run: "_Stopping") -> None:
+        for sig in self.signals.take():
+            name = signal.Signals(sig).name
+            if sig == signal.SIGHUP:
+                log.info("SIGHUP during shutdown: ignored, not reloading")
+            elif self.phase is Phase.DRAINING and not run.hurried:
+                log.warning("second %s during the drain: cancelling now", name)
+                run.hurried = True
+                for pool in self._all_pools():
+                    pool.hurry()
+            else:
+                log.info("%s while %s: already shutting down; ignored", name, self.phase.value)
+
+    def _log_drain(self, run: "_Stopping") -> None:
+        remaining = sum(p.teardown_step(Step.CANCELLING) for p in self._all_pools())
+        log.info("drain: %d operations finished in %.3fs%s", run.drained, run.drain_seconds,
+                 " (second signal)" if run.hurried else
+                 (f"; {remaining} contexts still had I/O in flight (drain_timeout reached)"
+                  if remaining else ""))
+
+    def _teardown_counts(self) -> TeardownCounts:
+        total = TeardownCounts()
         for pool in self._all_pools():
-            rep = pool.cancel(CANCEL_WAIT if pool.in_flight else 0.0)
-            cancel["requested"] += rep.requested
-            cancel["cancelled"] += rep.cancelled
-            cancel["uncancellable"] += rep.uncancellable
-        self._reap_all()
-        cancel_seconds = self.clock() - t1
-        if cancel["requested"] or cancel["uncancellable"]:
-            log.info("cancel: %d cancelled, %d could not be cancelled (file or block I/O)",
-                     cancel["cancelled"], cancel["uncancellable"])
-        self._log_signals_while_stopping()
+            total = total.plus(pool.teardown_counts)
+        return total
 
-        # 4. Destroy every context, all pools within one destroy_timeout.
-        self.phase = Phase.DESTROYING
-        self.notifier.status("stopping: destroying contexts")
-        t2 = self.clock()
-        dl = t2 + self.cfg.shutdown.destroy_timeout
-        failed: list[dict[str, object]] = []
-        lost = 0
-        for pool in self._all_pools():
-            rep2 = pool.destroy(max(0.0, dl - self.clock()))
-            failed.extend(rep2.failed)
-            lost += rep2.lost
-        destroy_seconds = self.clock() - t2
-        self.phase = Phase.STOPPED
-
-        # 5. Report: one log line of totals, and the same as JSON, atomically.
+    def _report(self, reason: str, run: "_Stopping") -> dict[str, object]:
+        done = self._teardown_counts().minus(run.before)
         snaps = [p.snapshot() for p in self._all_pools()] + self._ended_pools
         totals = _sum_totals(snaps)
+        failed = [{"pool": r.pool, "index": r.index, "kernel_id": r.kernel_id,
+                   "error": r.last_error}
+                  for s in snaps for r in s.records if r.state is ContextState.FAILED]
+        if done.requested or done.uncancellable:
+            log.info("cancel: %d cancelled, %d could not be cancelled (file or block I/O)",
+                     done.cancelled, done.uncancellable)
         report: dict[str, object] = {
             "version": __version__,
             "reason": reason,
@@ -518,13 +554,14 @@ class Daemon:
             "totals": totals,
             "invariant_holds": totals["submitted"] == totals["completed"] + totals["cancelled"]
             + totals["failed"] + totals["in_flight"] and totals["in_flight"] == 0,
-            "drain_timeout": drain_timeout,
-            "drain_seconds": round(drain_seconds, 6),
-            "drain_interrupted_by_signal": hurried,
-            "cancel_seconds": round(cancel_seconds, 6),
-            "destroy_seconds": round(destroy_seconds, 6),
-            "cancel": cancel,
-            "lost_at_destroy": lost,
+            "drain_timeout": self.cfg.shutdown.drain_timeout,
+            "drain_seconds": round(run.drain_seconds, 6),
+            "drain_interrupted_by_signal": run.hurried,
+            "cancel_seconds": round(run.cancel_seconds, 6),
+            "destroy_seconds": round(run.destroy_seconds, 6),
+            "cancel": {"requested": done.requested, "cancelled": done.cancelled,
+                       "uncancellable": done.uncancellable},
+            "lost_at_destroy": done.lost,
             "failed_to_destroy": failed,
             "aio_nr_before_start": self.aio_nr_before,
             "aio_nr_after_destroy": aio.system_aio_usage(self.procfs_root)[0],
@@ -534,23 +571,16 @@ class Daemon:
         log.info("shutdown complete: %s; drain %.3fs, cancel %.3fs, destroy %.3fs; "
                  "%d contexts failed to destroy; fs.aio-nr (system-wide) %d before start, "
                  "%d after destroy",
-                 _totals_text(totals), drain_seconds, cancel_seconds, destroy_seconds,
-                 len(failed), self.aio_nr_before, report["aio_nr_after_destroy"])
+                 _totals_text(totals), run.drain_seconds, run.cancel_seconds,
+                 run.destroy_seconds, len(failed), self.aio_nr_before,
+                 report["aio_nr_after_destroy"])
         self._write_report(report)
-        if self.metrics is not None:
-            self.metrics.close()
+        return report
 
-        # 6. Close the targets last: close() of a file on a hung device can
-        #    block (FUSE and NFS flush on close), and the report must be out first.
+    def _close_targets(self) -> None:
         for job in list(self.jobs.values()) + self._stopping_jobs:
             job.in_flight = 0  # every op was accounted above; none will complete to the job
             job.close_if_idle()
-        return ShutdownResult(EXIT_OK, report)
-
-    def _log_signals_while_stopping(self) -> None:
-        for sig in self.signals.take():
-            log.info("%s while %s: already shutting down; ignored",
-                     signal.Signals(sig).name, self.phase.value)
 
     def _write_report(self, report: dict[str, object]) -> None:
         path = self.cfg.state_directory / REPORT_FILE

@@ -29,16 +29,18 @@ class ContextState(str, enum.Enum):
 
 
 S = ContextState
-# Allowed transitions. DESTROYED and FAILED are terminal. A context is
-# destroyed only once nothing new can reach it: from CREATED (a pool whose
-# creation failed halfway), or after DRAINING/CANCELLING.
+# Allowed transitions. DESTROYED is terminal. A context is destroyed only once
+# nothing new can reach it: from CREATED (a pool whose creation failed
+# halfway), or after DRAINING/CANCELLING. FAILED is terminal but for one way
+# out: a context whose io_destroy missed its deadline (I/O stuck in a device)
+# is failed while the kernel holds it, and destroyed if io_destroy returns later.
 TRANSITIONS: dict[ContextState, frozenset[ContextState]] = {
     S.CREATED: frozenset({S.ACTIVE, S.DESTROYED, S.FAILED}),
     S.ACTIVE: frozenset({S.DRAINING, S.FAILED}),
     S.DRAINING: frozenset({S.CANCELLING, S.DESTROYED, S.FAILED}),
     S.CANCELLING: frozenset({S.DESTROYED, S.FAILED}),
     S.DESTROYED: frozenset(),
-    S.FAILED: frozenset(),
+    S.FAILED: frozenset({S.DESTROYED}),
 }
 
 

@@ -1,8 +1,10 @@
 """A named pool of kernel AIO contexts, with exact accounting.
 
-The pool is driven by one thread, the I/O loop: it submits, reaps, drains,
-cancels and destroys. Any other thread may call :meth:`Pool.snapshot` at any
-time (a metrics scrape); it gets copies taken under the locks.
+The pool is driven by one thread, the I/O loop: it submits and reaps, and
+takes contexts out of service (shrink, removal, shutdown) through its
+:class:`~aiod.teardown.Teardown`, which the reap polls and which never blocks.
+Any other thread may call :meth:`Pool.snapshot` at any time (a metrics
+scrape); it gets copies taken under the locks.
 
 Back-pressure: the pool never queues. ``submit`` places each op in the
 context with the fewest in flight that still has room (in_flight <
@@ -30,11 +32,12 @@ import os
 import select
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from aiod import aio
 from aiod.lifecycle import ContextState, LifecycleRecord, RecordSnapshot
+from aiod.teardown import CANCEL_WAIT, DESTROY_TIMEOUT, Step, Teardown, TeardownCounts
 
 log = logging.getLogger("aiod.pool")
 
@@ -130,14 +133,11 @@ class OpTag:
 class _Slot:
     """A live context and its record."""
 
-    __slots__ = ("ctx", "record", "accepting", "retire_deadline", "cancel_deadline")
+    __slots__ = ("ctx", "record")
 
     def __init__(self, ctx: aio.Context, record: LifecycleRecord) -> None:
         self.ctx = ctx
         self.record = record
-        self.accepting = True
-        self.retire_deadline: float | None = None
-        self.cancel_deadline: float | None = None
 
 
 @dataclass
@@ -181,31 +181,6 @@ class PoolSnapshot:
         return out
 
 
-@dataclass
-class DrainReport:
-    seconds: float
-    completed: int          # ops that finished (any outcome) during the drain
-    remaining: int          # still in flight when it ended
-    deadline_hit: bool
-
-
-@dataclass
-class CancelReport:
-    seconds: float
-    requested: int          # io_cancel accepted (EINPROGRESS)
-    cancelled: int          # completions of those that arrived
-    uncancellable: int      # io_cancel said EINVAL: file/block I/O, left to complete
-    remaining: int          # still in flight afterwards
-
-
-@dataclass
-class DestroyReport:
-    seconds: float
-    destroyed: int
-    failed: list[dict[str, object]] = field(default_factory=list)  # contexts whose io_destroy timed out or failed
-    lost: int = 0           # in flight at destroy, completion never seen: counted cancelled
-
-
 class Pool:
     """A named set of kernel AIO contexts. See the module docstring."""
 
@@ -217,7 +192,9 @@ class Pool:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
                  wall_clock: Callable[[], float] = time.time,
-                 on_setup_failure: Callable[[str, int], None] | None = None) -> None:
+                 on_setup_failure: Callable[[str, int], None] | None = None,
+                 destroy_timeout: float = DESTROY_TIMEOUT,
+                 cancel_wait: float = CANCEL_WAIT) -> None:
         if contexts < 0 or nr_events < 1:
             raise ValueError("contexts must be >= 0 and nr_events >= 1")
         self.name = name
@@ -229,11 +206,14 @@ class Pool:
         self._sleep = sleep
         self._wall = wall_clock
         self._on_setup_failure = on_setup_failure
-        self._slots: list[_Slot] = []        # every live context
-        self._active: list[_Slot] = []       # the live ones that take submissions
-        self._ended: list[LifecycleRecord] = []  # destroyed or failed
+        self._slots: list[_Slot] = []        # contexts the pool reaps
+        self._active: list[_Slot] = []       # the ones of those that take submissions
+        self._detached: list[_Slot] = []     # being destroyed, or stuck in io_destroy
+        self._ended: list[LifecycleRecord] = []  # destroyed, or failed for good
+        self._members_lock = threading.Lock()  # moves between the lists above vs snapshots
+        self._given_back: list[aio.Op] = []  # lost ops whose context io_destroy returned
+        self._wake_lock = threading.Lock()   # the eventfd vs destroy threads that signal it
         self._next_index = 0
-        self._retiring_count = 0
         self._accepting = True
         self._stats_lock = threading.Lock()
         self._stats: dict[tuple[str, str], OpStats] = {}
@@ -244,6 +224,8 @@ class Pool:
         self.setup_failures: dict[int, int] = {}
         self.eventfd: int | None = (
             os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if use_eventfd else None)
+        self._teardown = Teardown(self, cancel_wait=cancel_wait, destroy_timeout=destroy_timeout,
+                                  clock=clock, wake=self._wake)
         try:
             self._add_contexts(contexts)
         except BaseException:
@@ -307,16 +289,18 @@ class Pool:
                 self._next_index += 1
                 made.append(_Slot(ctx, rec))
         except BaseException:
+            # Nothing was ever submitted to these: io_destroy returns at once.
             for s in made:
                 s.ctx.destroy()
                 s.record.change_state(ContextState.DESTROYED)
                 with self._counts_lock:
                     self.destroys += 1
-            self._ended.extend(s.record for s in made)
+                self._ended.append(s.record)
             raise
         for s in made:
             s.record.change_state(ContextState.ACTIVE)
-        self._slots.extend(made)
+        with self._members_lock:
+            self._slots.extend(made)
         self._active.extend(made)
 
     # -------------------------------------------------------------- properties
@@ -439,6 +423,9 @@ class Pool:
         """Collect completions; wait up to timeout seconds (None: block) for min_nr.
 
         Every returned op has ``op.tag.outcome`` set and has been accounted.
+        Ops that were lost with a destroyed context come back here too (counted
+        cancelled), once io_destroy has returned and their buffers are free.
+        Contexts on their way out move on through their teardown.
         """
         live = [s for s in self._slots if s.ctx.in_flight]
         done: list[aio.Op] = []
@@ -467,8 +454,14 @@ class Pool:
                     if got:
                         self._finish(s, got)
                         done.extend(got)
-        if self._retiring_count:
-            self._retire_ready()
+        teardown = self._teardown
+        if teardown.size:
+            teardown.poll()
+            if not self._accepting and not self._slots and not teardown.busy:
+                self._close_eventfd()
+        if self._given_back:
+            done.extend(self._given_back)
+            self._given_back = []
         return done
 
     def _wait_any(self, live: list[_Slot], timeout: float | None) -> None:
@@ -549,80 +542,85 @@ class Pool:
         s.record.add_outcomes(len(ops) - cancelled - failed, cancelled, failed,
                               None if last_error is None else os.strerror(last_error))
 
-    # -------------------------------------------------------------- shutdown
-    def drain(self, timeout: float, on_progress: Callable[[int], None] | None = None) -> DrainReport:
-        """Step 1: stop accepting, wait up to timeout for in-flight I/O."""
-        t0 = self._clock()
-        self._stop_accepting()
-        finished = 0
-        deadline = t0 + timeout
-        while self.in_flight:
-            left = deadline - self._clock()
-            if left <= 0:
-                break
-            got = self.reap(timeout=min(left, 0.1))
-            finished += len(got)
-            if on_progress is not None:
-                on_progress(len(got))
-        return DrainReport(seconds=self._clock() - t0, completed=finished,
-                           remaining=self.in_flight, deadline_hit=bool(self.in_flight))
-
-    def _stop_accepting(self) -> None:
+    # --------------------------------------------------------------- teardown
+    def retire(self, drain_timeout: float, destroy_timeout: float | None = None) -> None:
+        """Take the whole pool out of service: no new submissions, and every
+        context drained (up to drain_timeout), cancelled and destroyed by the
+        teardown, which each reap moves on. Contexts a shrink was already
+        retiring keep going, their deadlines brought in to these."""
         self._accepting = False
-        for s in self._slots:
-            s.accepting = False
-            s.retire_deadline = None  # shutdown owns every context from here on
-            if s.record.state is ContextState.ACTIVE:
-                s.record.change_state(ContextState.DRAINING)
-        self._active = []
-        self._retiring_count = 0
+        members, self._active = self._active, []
+        self._teardown.add(members, drain_timeout)
+        self._teardown.expedite(drain_timeout, destroy_timeout)
 
-    def cancel(self, timeout: float = 1.0) -> CancelReport:
-        """Step 2: io_cancel what is still in flight; wait briefly for those completions.
+    def hurry(self) -> None:
+        """End every drain now: cancel and destroy what is left."""
+        self._teardown.hurry()
 
-        File and block I/O cannot be cancelled by Linux: those are counted
-        uncancellable, logged, and left to complete or to be abandoned at destroy.
-        """
-        t0 = self._clock()
-        self._stop_accepting()
-        requested = uncancellable = 0
-        for s in self._slots:
-            if s.record.state is ContextState.DRAINING:
-                s.record.change_state(ContextState.CANCELLING)
-            for op in s.ctx.inflight_ops():
-                op.tag.cancel_requested = True
-                try:
-                    ok = s.ctx.cancel(op)
-                except aio.AioError as e:
-                    ok = False
-                    log.warning("pool %s: io_cancel failed: %s", self.name, e,
-                                extra={"AIOD_POOL": self.name, "ERRNO": e.errno})
-                if ok:
-                    requested += 1
-                else:
-                    op.tag.cancel_requested = False
-                    uncancellable += 1
-        if uncancellable:
-            log.warning("pool %s: %d in-flight operations cannot be cancelled by the "
-                        "kernel (file or block I/O); waiting for them until destroy",
-                        self.name, uncancellable, extra={"AIOD_POOL": self.name})
-        cancelled = 0
-        deadline = t0 + timeout
-        while cancelled < requested:
-            left = deadline - self._clock()
-            if left <= 0:
+    @property
+    def torn_down(self) -> bool:
+        """Retired, and every context destroyed or given up on (stuck in io_destroy)."""
+        return not self._accepting and not self._slots and not self._teardown.busy
+
+    @property
+    def busy(self) -> bool:
+        """Something for reap to do: ops in flight, or contexts on their way out."""
+        return bool(self.in_flight or self._teardown.size or self._given_back)
+
+    @property
+    def retiring(self) -> int:
+        """Contexts on their way out and not yet destroyed (stuck ones included)."""
+        return self._teardown.size
+
+    @property
+    def stuck(self) -> int:
+        """Contexts whose io_destroy missed its deadline and has not returned since."""
+        return self._teardown.count(Step.STUCK)
+
+    def teardown_step(self, step: Step) -> int:
+        """Contexts on this step of their teardown."""
+        return self._teardown.count(step)
+
+    @property
+    def teardown_counts(self) -> TeardownCounts:
+        return self._teardown.counts
+
+    def next_deadline(self) -> float | None:
+        """When the teardown has something to do by the clock alone (the loop's wake-up)."""
+        return self._teardown.next_deadline()
+
+    def close(self, drain_timeout: float = 0.0, destroy_timeout: float = 30.0) -> TeardownCounts:
+        """Retire the pool and wait until it is torn down: for tests and one-shot
+        tools, never the daemon's loop. Returns what the teardown did."""
+        before = TeardownCounts().plus(self._teardown.counts)
+        if self._accepting:
+            self.retire(drain_timeout, destroy_timeout)
+        while not self.torn_down:
+            self.reap(0)
+            if self.torn_down:
                 break
-            got = self.reap(timeout=min(left, 0.05))
-            cancelled += sum(op.tag.outcome is Outcome.CANCELLED for op in got)
-        return CancelReport(seconds=self._clock() - t0, requested=requested,
-                            cancelled=cancelled, uncancellable=uncancellable,
-                            remaining=self.in_flight)
+            wait = 0.05
+            deadline = self._teardown.next_deadline()
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - self._clock()))
+            if self.eventfd is not None:
+                select.select([self.eventfd], [], [], wait)
+                try:
+                    os.eventfd_read(self.eventfd)
+                except (BlockingIOError, OSError):
+                    pass
+            else:
+                self._sleep(min(wait, 0.005))
+        self.reap(0)  # hands back what the last destroys freed
+        self._close_eventfd()
+        return self._teardown.counts.minus(before)
 
+    # The teardown's side of the pool (aiod.teardown.Host).
     def cancel_ops(self, ops: Iterable[aio.Op]) -> int:
         """Ask the kernel to cancel these in-flight ops; returns how many it accepted.
 
         Accepted ones complete through reap as cancelled; the others (file and
-        block I/O) will complete normally.
+        block I/O, which Linux cannot cancel) complete normally.
         """
         started = 0
         for op in ops:
@@ -632,91 +630,71 @@ class Pool:
             tag.cancel_requested = True
             try:
                 ok = tag.slot.ctx.cancel(op)
-            except aio.AioError:
+            except aio.AioError as e:
                 ok = False
+                log.warning("pool %s: io_cancel failed: %s", self.name, e,
+                            extra={"AIOD_POOL": self.name, "ERRNO": e.errno})
             if ok:
                 started += 1
             else:
                 tag.cancel_requested = False
         return started
 
-    def destroy(self, timeout: float) -> DestroyReport:
-        """Step 3: io_destroy every context, all within timeout seconds.
+    def detach(self, member: object) -> list[aio.Op]:
+        """Stop reaping a context about to be destroyed. Its ops still in flight
+        will never be seen complete: they are counted cancelled, as shutdown
+        always has, and returned."""
+        s = member
+        assert isinstance(s, _Slot)
+        with self._members_lock:
+            self._slots.remove(s)
+            self._detached.append(s)
+        lost = s.ctx.inflight_ops()
+        if lost:
+            with self._stats_lock:
+                for op in lost:
+                    op.tag.outcome = Outcome.CANCELLED
+                    op.tag.stats.cancelled += 1
+            s.record.add_outcomes(0, len(lost), 0)
+        return lost
 
-        io_destroy blocks until uncancellable I/O finishes, so each runs on its
-        own thread; a context whose io_destroy has not returned by the deadline
-        is reported failed and left behind rather than hanging aiod.
-        """
-        t0 = self._clock()
-        self._stop_accepting()
-        slots, self._slots = self._slots, []
-        report = DestroyReport(seconds=0.0, destroyed=0)
-        threads: list[tuple[_Slot, threading.Thread, list[BaseException]]] = []
-        for s in slots:
-            # In flight now and never seen complete: counted cancelled, whatever
-            # io_destroy does with it.
-            errs: list[BaseException] = []
-            th = threading.Thread(target=_destroy_into, args=(s.ctx, errs),
-                                  name=f"io_destroy-{self.name}-{s.record.index}", daemon=True)
-            threads.append((s, th, errs))
-        pending_lost = {id(s): s.ctx.inflight_ops() for s in slots}
-        for _, th, _ in threads:
-            th.start()
-        deadline = t0 + timeout
-        for s, th, errs in threads:
-            th.join(max(0.0, deadline - self._clock()))
-            lost = pending_lost[id(s)]
-            report.lost += len(lost)
-            self._account_lost(s, lost)
-            rec = s.record
-            if th.is_alive() or errs:
-                why = (f"io_destroy did not return within {timeout:g}s (I/O stuck in the device?)"
-                       if th.is_alive() else f"io_destroy failed: {errs[0]}")
-                if rec.state not in (ContextState.DESTROYED, ContextState.FAILED):
-                    rec.change_state(ContextState.FAILED, error=why)
-                with self._counts_lock:
-                    self.destroy_failures += 1
-                report.failed.append({"pool": self.name, "index": rec.index,
-                                      "kernel_id": rec.kernel_id, "error": why})
-                log.error("pool %s: context %d: %s", self.name, rec.index, why,
-                          extra={"AIOD_POOL": self.name, "AIOD_CONTEXT": rec.index})
+    def count_destroy(self, ok: bool) -> None:
+        with self._counts_lock:
+            if ok:
+                self.destroys += 1
             else:
-                rec.change_state(ContextState.DESTROYED)
-                with self._counts_lock:
-                    self.destroys += 1
-                report.destroyed += 1
-            self._ended.append(rec)
-        self._close_eventfd()
-        report.seconds = self._clock() - t0
-        return report
+                self.destroy_failures += 1
 
-    def _account_lost(self, s: _Slot, lost: list[aio.Op]) -> None:
-        if not lost:
-            return
-        with self._stats_lock:
-            for op in lost:
-                op.tag.outcome = Outcome.CANCELLED
-                op.tag.stats.cancelled += 1
-        s.record.add_outcomes(0, len(lost), 0)
+    def retired(self, member: object) -> None:
+        """A context is gone for good: its record joins the pool's history."""
+        assert isinstance(member, _Slot)
+        with self._members_lock:
+            self._detached.remove(member)
+            self._ended.append(member.record)
 
-    def close(self, drain_timeout: float = 0.0, destroy_timeout: float = 30.0) -> None:
-        """Drain, cancel and destroy: for tests and one-shot tools."""
-        self.drain(drain_timeout)
-        self.cancel()
-        self.destroy(destroy_timeout)
+    def give_back(self, ops: Sequence[aio.Op]) -> None:
+        self._given_back.extend(ops)
+
+    def _wake(self) -> None:
+        """From a destroy thread: wake whoever waits on the eventfd."""
+        with self._wake_lock:
+            if self.eventfd is not None:
+                os.eventfd_write(self.eventfd, 1)
 
     def _close_eventfd(self) -> None:
-        if self.eventfd is not None:
-            os.close(self.eventfd)
-            self.eventfd = None
+        with self._wake_lock:
+            if self.eventfd is not None:
+                os.close(self.eventfd)
+                self.eventfd = None
 
     # ------------------------------------------------------------------ resize
     def resize(self, contexts: int, retire_timeout: float = 10.0) -> None:
         """Grow now, or shrink by retiring the surplus contexts.
 
-        A retiring context takes no new submissions; it is destroyed once its
-        in-flight ops are done (checked on every reap), or, past retire_timeout,
-        its ops are cancelled and it is destroyed. No op is lost either way.
+        A retiring context takes no new submissions. Its teardown (polled by
+        every reap) destroys it once its in-flight ops are done, or, past
+        retire_timeout, cancels them and destroys it; io_destroy runs on a
+        thread. No op is lost either way, and nothing here blocks.
         """
         if not self._accepting:
             raise PoolClosed(f"pool '{self.name}' is draining; cannot resize")
@@ -728,48 +706,8 @@ class Pool:
         elif contexts < have:
             surplus = self._active[contexts:]
             self._active = self._active[:contexts]
-            deadline = self._clock() + retire_timeout
-            for s in surplus:
-                s.record.change_state(ContextState.DRAINING)
-                s.accepting = False
-                s.retire_deadline = deadline
-            self._retiring_count += len(surplus)
-            self._retire_ready()
-
-    def _retire_ready(self) -> None:
-        now = self._clock()
-        keep: list[_Slot] = []
-        for s in self._slots:
-            if s.retire_deadline is None:  # active, or draining for shutdown
-                keep.append(s)
-                continue
-            if s.ctx.in_flight and s.cancel_deadline is None and now >= s.retire_deadline:
-                s.record.change_state(ContextState.CANCELLING)
-                for op in s.ctx.inflight_ops():
-                    op.tag.cancel_requested = True
-                    if not s.ctx.cancel(op):
-                        op.tag.cancel_requested = False
-                s.cancel_deadline = now + 1.0
-            if s.ctx.in_flight and (s.cancel_deadline is None or now < s.cancel_deadline):
-                keep.append(s)
-                continue
-            self._account_lost(s, s.ctx.inflight_ops())
-            try:
-                s.ctx.destroy()
-                s.record.change_state(ContextState.DESTROYED)
-                with self._counts_lock:
-                    self.destroys += 1
-            except aio.AioError as e:
-                s.record.change_state(ContextState.FAILED, error=str(e))
-                with self._counts_lock:
-                    self.destroy_failures += 1
-            self._ended.append(s.record)
-            self._retiring_count -= 1
-        self._slots = keep
-
-    @property
-    def retiring(self) -> int:
-        return self._retiring_count
+            self._teardown.add(surplus, retire_timeout)
+            self._teardown.poll()
 
     def live_contexts(self) -> list[tuple[int, int, int]]:
         """(index, kernel id, nr_events) of every context not yet handed to
@@ -780,8 +718,11 @@ class Pool:
     # ---------------------------------------------------------------- snapshot
     def snapshot(self) -> PoolSnapshot:
         """A consistent copy for another thread (metrics, reports)."""
-        live = list(self._slots)
-        records = [s.record.snapshot() for s in live] + [r.snapshot() for r in list(self._ended)]
+        with self._members_lock:
+            live = list(self._slots)
+            detached = list(self._detached)
+            ended = list(self._ended)
+        records = [s.record.snapshot() for s in live + detached] + [r.snapshot() for r in ended]
         records.sort(key=lambda r: r.index)
         with self._stats_lock:
             stats = [st.copy() for st in self._stats.values()]
@@ -804,9 +745,3 @@ class Pool:
                 setup_failures=dict(self.setup_failures),
                 oldest_in_flight_seconds=oldest)
 
-
-def _destroy_into(ctx: aio.Context, errs: list[BaseException]) -> None:
-    try:
-        ctx.destroy()
-    except BaseException as e:  # reported by the caller, never raised in a thread
-        errs.append(e)

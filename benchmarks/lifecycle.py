@@ -8,12 +8,17 @@
 - ``sigterm``: the daemon with 64 contexts and 4,096 IOCB_CMD_POLL operations
   in flight (they never complete on their own) and drain_timeout 0: time from
   SIGTERM to the process's exit, with the phases from shutdown-report.json.
+- ``sigterm-pools``: the same 200 contexts (8 POLLs in flight on each) as one
+  pool of 200, then as 50 pools of 4 (a poll job per pool), 3 runs each,
+  alternating: shutdown must destroy every context of every pool in
+  parallel, so the second costs about what the first does.
 
 Each prints one JSON object; run.py calls them in a subprocess, so a
 benchmark never shares an interpreter with the previous one.
 
     python benchmarks/lifecycle.py pool256
     python benchmarks/lifecycle.py sigterm
+    python benchmarks/lifecycle.py sigterm-pools
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def pool256(contexts: int = 256, nr_events: int = 32) -> dict[str, float]:
     pool = Pool("bench-lifecycle", contexts, nr_events, use_eventfd=True)
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
-    rep = pool.destroy(60.0)
+    rep = pool.close(drain_timeout=0.0, destroy_timeout=60.0)
     destroy = time.perf_counter() - t1
     assert rep.destroyed == contexts and not rep.failed, rep
     # For scale: the same number of io_destroy calls one after another.
@@ -71,7 +76,9 @@ def _in_flight(port: int) -> float:
                if line.startswith("aiod_ops_in_flight{"))
 
 
-def sigterm(contexts: int = 64, polls: int = 4096) -> dict[str, object]:
+def sigterm(contexts: int = 64, polls: int = 4096, pools: int = 1) -> dict[str, object]:
+    """SIGTERM to exit with ``polls`` POLLs in flight on ``contexts`` contexts,
+    split evenly over ``pools`` pools (one poll job each)."""
     import yaml
     with tempfile.TemporaryDirectory(prefix="aiod-bench-sigterm-", dir="/var/tmp") as d:
         tmp = Path(d)
@@ -82,10 +89,11 @@ def sigterm(contexts: int = 64, polls: int = 4096) -> dict[str, object]:
             "log_level": "warning",
             "metrics": {"listen": f"127.0.0.1:{port}"},
             "shutdown": {"drain_timeout": "0s", "destroy_timeout": "60s"},
-            "pools": [{"name": "hold", "contexts": contexts,
-                       "nr_events": -(-polls // contexts)}],
-            "jobs": [{"name": "hold", "pool": "hold", "type": "load",
-                      "target": str(tmp / "hold.fifo"), "op": "poll", "iodepth": polls}],
+            "pools": [{"name": f"hold{i}", "contexts": contexts // pools,
+                       "nr_events": -(-polls // contexts)} for i in range(pools)],
+            "jobs": [{"name": f"hold{i}", "pool": f"hold{i}", "type": "load",
+                      "target": str(tmp / f"hold{i}.fifo"), "op": "poll",
+                      "iodepth": polls // pools} for i in range(pools)],
         }
         (tmp / "aiod.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         env = {k: v for k, v in os.environ.items()
@@ -113,10 +121,23 @@ def sigterm(contexts: int = 64, polls: int = 4096) -> dict[str, object]:
         rep = json.loads((tmp / "state" / "shutdown-report.json").read_text())
         t = rep["totals"]
         assert rc == 0 and rep["invariant_holds"], (rc, t)
-        return {"sigterm_to_exit_seconds": took, "exit_code": rc,
+        return {"sigterm_to_exit_seconds": took, "exit_code": rc, "pools": pools,
+                "contexts": contexts,
                 "drain_seconds": rep["drain_seconds"], "cancel_seconds": rep["cancel_seconds"],
                 "destroy_seconds": rep["destroy_seconds"], "cancelled": t["cancelled"],
                 "submitted": t["submitted"], "in_flight_after": t["in_flight"]}
+
+
+def sigterm_pools(runs: int = 3) -> dict[str, object]:
+    one: list[float] = []
+    many: list[float] = []
+    for _ in range(runs):
+        one.append(float(sigterm(contexts=200, polls=1600, pools=1)["sigterm_to_exit_seconds"]))
+        many.append(float(sigterm(contexts=200, polls=1600, pools=50)["sigterm_to_exit_seconds"]))
+    one.sort()
+    many.sort()
+    return {"one_pool_of_200_seconds": one, "fifty_pools_of_4_seconds": many,
+            "median_ratio": many[len(many) // 2] / one[len(one) // 2]}
 
 
 def main() -> int:
@@ -125,8 +146,10 @@ def main() -> int:
         print(json.dumps(pool256()))
     elif what == "sigterm":
         print(json.dumps(sigterm()))
+    elif what == "sigterm-pools":
+        print(json.dumps(sigterm_pools()))
     else:
-        print("usage: lifecycle.py {pool256|sigterm}", file=sys.stderr)
+        print("usage: lifecycle.py {pool256|sigterm|sigterm-pools}", file=sys.stderr)
         return 2
     return 0
 

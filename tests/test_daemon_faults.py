@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.conftest import live_contexts
 from tests.daemon_harness import Aiod
 from tests.faultfs import FaultFS, FaultFSUnavailable, mount_faultfs
 
@@ -115,3 +116,79 @@ def test_a_long_drain_that_makes_progress_extends_the_stop_timeout(
     rep = d.report()
     assert rep["drain_seconds"] >= 1.0 and rep["cancel"]["uncancellable"] == 0
     assert rep["totals"]["completed"] == rep["totals"]["submitted"]
+
+
+def test_a_pool_whose_reads_hang_is_shrunk_and_removed_while_the_loop_keeps_turning(
+        faultfs: FaultFS, tmp_path: Path, daemon_box: list[Aiod]) -> None:
+    cfg = {
+        "shutdown": {"drain_timeout": "1s", "destroy_timeout": "8s"},
+        "pools": [{"name": "main", "contexts": 1, "nr_events": 8},
+                  {"name": "hung", "contexts": 2, "nr_events": 8}],
+        "jobs": [
+            {"name": "probe", "pool": "main", "type": "probe", "target": "probe.dat",
+             "size": "4MiB", "op": "randread", "block_size": "4KiB", "direct": True,
+             "rate": "50/s"},
+            # Buffered reads of a file whose reads never answer.
+            {"name": "stuck", "pool": "hung", "type": "load", "op": "randread",
+             "target": str(faultfs.path("hang.dat")), "block_size": "4KiB", "direct": False,
+             "iodepth": 8, "timeout": "120s"},
+        ],
+    }
+    d = Aiod(tmp_path, cfg, env={"WATCHDOG_USEC": "1000000"})  # a ping every 0.5 s
+    daemon_box.append(d)
+    d.wait_ready()
+    assert d.notify is not None
+    d.wait_until(lambda: d.metric_sum("aiod_ops_in_flight", pool="hung") == 8,
+                 what="8 hung reads in flight")
+
+    worst_gap = worst_ping_gap = 0.0
+    health: set[int] = set()
+    last_ping = time.monotonic()
+    t0 = time.monotonic()
+    shrunk = removed = False
+    while (now := time.monotonic()) - t0 < 40:
+        if not shrunk and now - t0 >= 3:
+            cfg["pools"][1]["contexts"] = 1
+            d.write_config(cfg)
+            d.signal(signal.SIGHUP)
+            shrunk = True
+        if not removed and now - t0 >= 15:
+            cfg["pools"] = cfg["pools"][:1]
+            cfg["jobs"] = cfg["jobs"][:1]
+            d.write_config(cfg)
+            d.signal(signal.SIGHUP)
+            removed = True
+        m = d.metrics()
+        last = m['aiod_job_last_completion_timestamp_seconds{job="probe"}']
+        worst_gap = max(worst_gap, time.time() - last)
+        health.add(d.get("/healthz")[0])
+        n = len(d.notify.messages)
+        if "WATCHDOG=1" in d.notify.collect()[n:]:
+            last_ping = time.monotonic()
+        worst_ping_gap = max(worst_ping_gap, time.monotonic() - last_ping)
+        time.sleep(0.25)
+    assert worst_gap < 1.0, f"the probe went {worst_gap:.2f}s without a completion"
+    assert health == {200}
+    assert worst_ping_gap < 1.5, f"no watchdog ping for {worst_ping_gap:.2f}s"
+    # Both of the hung pool's contexts were given up on (once each), not waited on.
+    assert d.metric_sum("aiod_context_destroy_failures_total", pool="hung") == 2
+    assert d.metric_sum("aiod_contexts", pool="hung", state="failed") == 2
+    assert d.log.count("did not return within 8s") == 2
+    assert "pool hung removed" not in d.log
+
+    # Release the device: the stuck io_destroy calls return, the contexts are
+    # destroyed after all, and the removed pool is gone.
+    faultfs.set_mode("hang.dat", "ok")
+    faultfs.release("hang.dat")
+    d.wait_until(lambda: "pool hung removed" in d.log, timeout=20,
+                 what="the removed pool's contexts to be destroyed")
+    assert live_contexts(str(d.proc.pid)) == 1  # main's only
+    assert d.log.count("io_destroy returned at last") == 2
+    assert d.stop() == 0
+    rep = d.report()
+    assert rep["invariant_holds"] and rep["totals"]["in_flight"] == 0
+    (hung,) = [p for p in rep["pools"] if p["name"] == "hung"]
+    assert [c["state"] for c in hung["contexts"]] == ["destroyed", "destroyed"]
+    assert hung["destroy_failures"] == 2 and rep["failed_to_destroy"] == []
+    t = hung["totals"]
+    assert t["submitted"] == t["completed"] + t["cancelled"] + t["failed"] and t["submitted"] >= 8

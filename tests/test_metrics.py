@@ -41,9 +41,7 @@ def exposition(direct_file: tuple[int, Path]) -> bytes:
     pool.register("idle", ["write"])
     ops = [aio.read(fd, 4096, i * 4096) for i in range(4)] + [aio.fsync(99999)]
     pool.submit(ops, job="probe")
-    pool.drain(5)
-    pool.cancel()
-    pool.destroy(5)
+    pool.close(drain_timeout=5)
     src = FakeSource([pool], [JobView("probe", "default", "running", {"missing": 1}, 0, 2,
                                       type="probe", op="randread", timeout=5.0),
                               JobView("idle", "default", "error", type="load", op="write",

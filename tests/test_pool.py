@@ -32,6 +32,12 @@ def reap_until(pool: Pool, n: int, timeout: float = 5.0) -> list[aio.Op]:
     return done
 
 
+def wait_retired(pool: Pool, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pool.retiring and time.monotonic() < deadline:
+        pool.reap(0.05)
+
+
 def test_a_thousand_create_destroy_cycles_leave_no_context_behind(aio_neighbour: None) -> None:
     # Counted in this process's own mappings: fs.aio-nr is system-wide, and the
     # neighbour (like any other process using AIO) moves it meanwhile.
@@ -74,14 +80,14 @@ def test_drain_with_polls_that_never_complete_hits_deadline_then_cancel_counts_e
     p = Pool("poll", 2, 32)
     ops = [aio.poll(r) for _ in range(50)]
     assert p.submit(ops, job="hang") == []
-    d = p.drain(0.2)
-    assert d.deadline_hit and d.remaining == 50 and d.seconds >= 0.2
+    t0 = time.monotonic()
+    p.retire(drain_timeout=0.2)
     with pytest.raises(PoolClosed):
         p.submit([aio.poll(r)], job="late")
-    c = p.cancel(timeout=2.0)
-    assert (c.requested, c.cancelled, c.uncancellable, c.remaining) == (50, 50, 0, 0)
-    dr = p.destroy(5.0)
-    assert dr.destroyed == 2 and dr.failed == [] and dr.lost == 0
+    rep = p.close()
+    assert time.monotonic() - t0 >= 0.2  # the drain waited for its deadline
+    assert (rep.requested, rep.cancelled, rep.uncancellable, rep.lost) == (50, 50, 0, 0)
+    assert rep.destroyed == 2 and rep.failed == 0
     snap = p.snapshot()
     assert snap.totals() == {"submitted": 50, "completed": 0, "cancelled": 50,
                              "failed": 0, "in_flight": 0}
@@ -96,11 +102,8 @@ def test_drain_with_odirect_reads_that_finish_counts_them_completed(
     p = Pool("reads", 2, 64)
     ops = [aio.read(fd, 4096, (i % 256) * 4096) for i in range(100)]
     assert p.submit(ops, job="r") == []
-    d = p.drain(5.0)
-    assert not d.deadline_hit and d.remaining == 0
-    c = p.cancel()
-    assert c.requested == 0
-    p.destroy(5.0)
+    rep = p.close(drain_timeout=5.0)
+    assert rep.requested == 0 and rep.uncancellable == 0 and rep.lost == 0
     snap = p.snapshot()
     assert snap.totals() == {"submitted": 100, "completed": 100, "cancelled": 0,
                              "failed": 0, "in_flight": 0}
@@ -109,16 +112,27 @@ def test_drain_with_odirect_reads_that_finish_counts_them_completed(
     assert sum(st.buckets) == 100
 
 
-def test_destroy_counts_polls_still_in_flight_as_cancelled(pipe: tuple[int, int]) -> None:
+def test_ops_in_flight_at_destroy_are_counted_cancelled_and_handed_back_after_it(
+        pipe: tuple[int, int]) -> None:
     r, _ = pipe
-    p = Pool("lost", 1, 16)
+    # No wait for the cancelled polls' completions: io_destroy takes them with it.
+    p = Pool("lost", 1, 16, cancel_wait=0.0)
     ops = [aio.poll(r) for _ in range(5)]
     p.submit(ops, job="j")
-    p.drain(0)
-    dr = p.destroy(5.0)  # no cancel step: io_destroy takes them with it
-    assert dr.lost == 5
+    p.retire(drain_timeout=0.0)
+    back: list[aio.Op] = []
+    deadline = time.monotonic() + 5
+    while not p.torn_down and time.monotonic() < deadline:
+        back += p.reap(timeout=0.05)
+    back += p.reap(0)
+    assert p.torn_down
+    rep = p.teardown_counts
+    assert rep.lost == 5 and rep.requested == 5 and rep.cancelled == 0 and rep.destroyed == 1
     snap = p.snapshot()
     assert snap.cancelled == 5 and snap.in_flight == 0 and snap.balanced
+    # Handed back once io_destroy returned: the kernel is done with their buffers.
+    assert sorted(map(id, back)) == sorted(map(id, ops))
+    assert all(op.tag.outcome is Outcome.CANCELLED for op in back)
 
 
 def test_failures_are_classified_with_their_errno(direct_file: tuple[int, Path]) -> None:
@@ -179,7 +193,7 @@ def test_resize_up_and_down_loses_no_operation(pipe: tuple[int, int]) -> None:
     os.write(w, b"x")  # every poll completes; retiring contexts empty out
     done = reap_until(p, 32)
     assert len(done) == 32 and all(op.tag.outcome is Outcome.COMPLETED for op in done)
-    p.reap(0)
+    wait_retired(p)  # their io_destroy runs on threads
     assert p.retiring == 0
     snap = p.snapshot()
     assert snap.contexts_by_state() == {**{s.value: 0 for s in ContextState},
@@ -194,9 +208,7 @@ def test_shrinking_past_the_retire_timeout_cancels_and_counts(pipe: tuple[int, i
     p = Pool("rs2", 2, 8)
     p.submit([aio.poll(r) for _ in range(4)], job="j")
     p.resize(1, retire_timeout=0.0)
-    deadline = time.monotonic() + 3
-    while p.retiring and time.monotonic() < deadline:
-        p.reap(0.05)
+    wait_retired(p)
     assert p.retiring == 0
     snap = p.snapshot()
     assert snap.cancelled == 2 and snap.in_flight == 2 and snap.balanced

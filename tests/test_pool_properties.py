@@ -65,9 +65,7 @@ def test_random_mixes_keep_the_invariant(direct_file: tuple[int, Path],
                 all_ops += [op for op in ops if op not in back]
             snap = pool.snapshot()
             assert snap.balanced, snap.totals()
-        pool.drain(drain_timeout)
-        pool.cancel(timeout=1.0)
-        pool.destroy(5.0)
+        pool.close(drain_timeout=drain_timeout, destroy_timeout=5.0)
     finally:
         os.close(r)
         os.close(w)

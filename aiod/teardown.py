@@ -1,0 +1,311 @@
+"""Taking kernel AIO contexts out of service without ever blocking the I/O loop.
+
+Shutdown, a pool's shrink and a pool's removal all end contexts this one way.
+Each context goes through three steps, and :meth:`Teardown.poll` moves every
+context as far as it can go *now* and returns; the loop polls it every turn:
+
+``draining``
+    The context takes no new submissions. Its ops complete and are reaped by
+    the pool as usual, until none is in flight or the drain deadline passes.
+``cancelling``
+    io_cancel for every op still in flight, then up to ``cancel_wait`` for
+    the cancelled ops' completions. POLL ops can be cancelled; file and block
+    I/O cannot, and is counted uncancellable.
+``destroying``
+    The pool stops reaping the context, and every op still in flight is
+    accounted cancelled: its completion will never be delivered. io_destroy
+    runs on a thread of its own, because the kernel makes it wait for every
+    uncancellable op.
+
+A context whose io_destroy has not returned by its deadline is stuck behind
+I/O the kernel will not give up. Its record becomes ``failed``, it is counted
+in the pool's destroy failures, it is logged once, and nothing waits on it
+again: its thread finishes whenever the kernel lets it. If that happens, the
+record becomes ``destroyed`` after all. The ops lost with a context go back to
+their owner (through the pool's reap) only once io_destroy has returned, so a
+buffer the kernel may still write into is never reused.
+
+Contexts are independent of one another: every context of every pool being
+torn down is destroyed in parallel with the others.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Callable, Iterable, Protocol, Sequence
+
+from aiod import aio
+from aiod.lifecycle import ContextState, LifecycleRecord
+
+log = logging.getLogger("aiod.teardown")
+
+CANCEL_WAIT = 1.0        # seconds to wait for the completions of cancelled ops
+DESTROY_TIMEOUT = 30.0   # seconds io_destroy may take before the context is failed
+
+
+class Step(str, enum.Enum):
+    DRAINING = "draining"
+    CANCELLING = "cancelling"
+    DESTROYING = "destroying"
+    STUCK = "stuck"      # io_destroy missed its deadline; never waited on again
+    DONE = "done"
+
+
+class Member(Protocol):
+    """A context being torn down, with its lifecycle record."""
+
+    ctx: aio.Context
+    record: LifecycleRecord
+
+
+class Host(Protocol):
+    """What a teardown needs of the pool its contexts belong to."""
+
+    name: str
+
+    def cancel_ops(self, ops: Iterable[aio.Op]) -> int: ...
+    def detach(self, member: Member) -> list[aio.Op]: ...
+    def count_destroy(self, ok: bool) -> None: ...
+    def retired(self, member: Member) -> None: ...
+    def give_back(self, ops: Sequence[aio.Op]) -> None: ...
+
+
+@dataclass
+class TeardownCounts:
+    """What a teardown did, cumulative over its life."""
+
+    requested: int = 0       # cancels the kernel accepted (EINPROGRESS)
+    cancelled: int = 0       # of those, completed as cancelled before destroy
+    uncancellable: int = 0   # cancels the kernel refused: file or block I/O
+    lost: int = 0            # in flight at destroy, never seen complete: counted cancelled
+    destroyed: int = 0       # io_destroy returned in time
+    failed: int = 0          # io_destroy failed or missed its deadline
+    late: int = 0            # of the failed, io_destroy returned after its deadline
+
+    def minus(self, other: "TeardownCounts") -> "TeardownCounts":
+        return TeardownCounts(**{f.name: getattr(self, f.name) - getattr(other, f.name)
+                                 for f in fields(self)})
+
+    def plus(self, other: "TeardownCounts") -> "TeardownCounts":
+        return TeardownCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                                 for f in fields(self)})
+
+
+class _Entry:
+    __slots__ = ("member", "step", "drain_until", "cancel_until", "destroy_until",
+                 "requested", "lost", "thread", "errors", "stuck_since")
+
+    def __init__(self, member: Member, drain_until: float) -> None:
+        self.member = member
+        self.step = Step.DRAINING
+        self.drain_until = drain_until
+        self.cancel_until = 0.0
+        self.destroy_until = 0.0
+        self.requested = 0
+        self.lost: list[aio.Op] = []
+        self.thread: threading.Thread | None = None
+        self.errors: list[BaseException] = []
+        self.stuck_since = 0.0
+
+
+class Teardown:
+    """The contexts of one pool on their way out. See the module docstring.
+
+    Driven by the I/O loop only: :meth:`add`, :meth:`poll`, :meth:`expedite`
+    and :meth:`hurry` never block. ``wake`` is called from a destroy thread
+    when its io_destroy returns, so the loop need not poll to notice.
+    """
+
+    def __init__(self, host: Host, *, cancel_wait: float = CANCEL_WAIT,
+                 destroy_timeout: float = DESTROY_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic,
+                 wake: Callable[[], None] = lambda: None) -> None:
+        self._host = host
+        self.cancel_wait = cancel_wait
+        self.destroy_timeout = destroy_timeout
+        self._clock = clock
+        self._wake = wake
+        self._entries: list[_Entry] = []
+        self.counts = TeardownCounts()
+
+    # ------------------------------------------------------------- control
+    def add(self, members: Iterable[Member], drain_timeout: float) -> None:
+        """Start tearing these contexts down: drain for up to drain_timeout seconds."""
+        until = self._clock() + drain_timeout
+        for m in members:
+            if m.record.state is ContextState.ACTIVE:
+                m.record.change_state(ContextState.DRAINING)
+            self._entries.append(_Entry(m, until))
+
+    def expedite(self, drain_timeout: float, destroy_timeout: float | None = None) -> None:
+        """Bring every deadline in to at most these timeouts from now (shutdown
+        takes over contexts a shrink or a removal had already started on)."""
+        now = self._clock()
+        if destroy_timeout is not None:
+            self.destroy_timeout = min(self.destroy_timeout, destroy_timeout)
+        for e in self._entries:
+            e.drain_until = min(e.drain_until, now + drain_timeout)
+            if e.step is Step.DESTROYING:
+                e.destroy_until = min(e.destroy_until, now + self.destroy_timeout)
+
+    def hurry(self) -> None:
+        """End every drain now (a second SIGTERM)."""
+        now = self._clock()
+        for e in self._entries:
+            e.drain_until = min(e.drain_until, now)
+
+    # --------------------------------------------------------------- state
+    @property
+    def busy(self) -> bool:
+        """Some context is still on a step the loop must see through."""
+        return any(e.step is not Step.STUCK for e in self._entries)
+
+    def count(self, step: Step) -> int:
+        return sum(1 for e in self._entries if e.step is step)
+
+    @property
+    def size(self) -> int:
+        """Contexts on their way out and not yet destroyed (stuck ones included)."""
+        return len(self._entries)
+
+    def next_deadline(self) -> float | None:
+        """When poll next has something to do by the clock alone."""
+        times = [t for e in self._entries for t in (
+            e.drain_until if e.step is Step.DRAINING else
+            e.cancel_until if e.step is Step.CANCELLING else
+            e.destroy_until if e.step is Step.DESTROYING else None,) if t is not None]
+        return min(times) if times else None
+
+    # ---------------------------------------------------------------- poll
+    def poll(self) -> None:
+        """Move every context as far as it can go now. Never blocks."""
+        if not self._entries:
+            return
+        now = self._clock()
+        uncancellable = 0
+        for e in list(self._entries):
+            uncancellable += self._advance(e, now)
+        if uncancellable:
+            log.warning("pool %s: %d in-flight operations cannot be cancelled by the kernel "
+                        "(file or block I/O); they keep their contexts until those are "
+                        "destroyed", self._host.name, uncancellable,
+                        extra={"AIOD_POOL": self._host.name})
+
+    def _advance(self, e: _Entry, now: float) -> int:
+        """One context's steps; returns how many of its ops could not be cancelled."""
+        refused = 0
+        ctx = e.member.ctx
+        if e.step is Step.DRAINING:
+            if ctx.in_flight and now < e.drain_until:
+                return 0
+            refused = self._cancel(e, now)
+        if e.step is Step.CANCELLING:
+            if now < e.cancel_until and any(op.tag is not None and op.tag.cancel_requested
+                                            for op in ctx.inflight_ops()):
+                return refused
+            self._destroy(e, now)
+        if e.step is Step.DESTROYING:
+            assert e.thread is not None
+            if e.thread.is_alive():
+                if now >= e.destroy_until:
+                    self._stuck(e, now)
+                return refused
+            self._destroyed(e)
+        elif e.step is Step.STUCK:
+            assert e.thread is not None
+            if not e.thread.is_alive():  # a look, never a wait
+                self._destroyed_late(e, now)
+        return refused
+
+    def _cancel(self, e: _Entry, now: float) -> int:
+        ops = e.member.ctx.inflight_ops()
+        e.step = Step.CANCELLING
+        if not ops:
+            e.cancel_until = now
+            return 0
+        e.member.record.change_state(ContextState.CANCELLING)
+        e.requested = self._host.cancel_ops(ops)
+        refused = len(ops) - e.requested
+        self.counts.requested += e.requested
+        self.counts.uncancellable += refused
+        e.cancel_until = now + self.cancel_wait if e.requested else now
+        return refused
+
+    def _destroy(self, e: _Entry, now: float) -> None:
+        e.lost = self._host.detach(e.member)
+        self.counts.lost += len(e.lost)
+        self.counts.cancelled += e.requested - sum(
+            1 for op in e.lost if op.tag is not None and op.tag.cancel_requested)
+        rec = e.member.record
+        e.thread = threading.Thread(target=_destroy_context,
+                                    args=(e.member.ctx, e.errors, self._wake),
+                                    name=f"io_destroy-{self._host.name}-{rec.index}",
+                                    daemon=True)
+        e.step = Step.DESTROYING
+        e.destroy_until = now + self.destroy_timeout
+        e.thread.start()
+
+    def _destroyed(self, e: _Entry) -> None:
+        rec = e.member.record
+        if e.errors:
+            why = f"io_destroy failed: {e.errors[0]}"
+            rec.change_state(ContextState.FAILED, error=why)
+            self.counts.failed += 1
+            self._host.count_destroy(False)
+            log.error("pool %s: context %d: %s", self._host.name, rec.index, why,
+                      extra={"AIOD_POOL": self._host.name, "AIOD_CONTEXT": rec.index})
+        else:
+            rec.change_state(ContextState.DESTROYED)
+            self.counts.destroyed += 1
+            self._host.count_destroy(True)
+        self._finish(e)
+
+    def _stuck(self, e: _Entry, now: float) -> None:
+        rec = e.member.record
+        why = (f"io_destroy did not return within {self.destroy_timeout:g}s "
+               f"(I/O stuck in the device?)")
+        rec.change_state(ContextState.FAILED, error=why)
+        self.counts.failed += 1
+        self._host.count_destroy(False)
+        e.step = Step.STUCK
+        e.stuck_since = now
+        log.error("pool %s: context %d: %s; it is marked failed and left to the kernel, "
+                  "which frees it when the device answers; %d operations in flight on it "
+                  "are counted cancelled", self._host.name, rec.index, why, len(e.lost),
+                  extra={"AIOD_POOL": self._host.name, "AIOD_CONTEXT": rec.index})
+
+    def _destroyed_late(self, e: _Entry, now: float) -> None:
+        rec = e.member.record
+        if not e.errors:
+            rec.change_state(ContextState.DESTROYED,
+                             error=f"io_destroy returned {now - e.stuck_since:.1f}s after "
+                                   f"its deadline")
+            self.counts.late += 1
+            self._host.count_destroy(True)
+            log.warning("pool %s: context %d: io_destroy returned at last, %.1fs after its "
+                        "deadline; the context is destroyed", self._host.name, rec.index,
+                        now - e.stuck_since,
+                        extra={"AIOD_POOL": self._host.name, "AIOD_CONTEXT": rec.index})
+        self._finish(e)
+
+    def _finish(self, e: _Entry) -> None:
+        e.step = Step.DONE
+        self._entries.remove(e)
+        self._host.retired(e.member)
+        if e.lost:
+            self._host.give_back(e.lost)  # io_destroy returned: the kernel is done with them
+            e.lost = []
+
+
+def _destroy_context(ctx: aio.Context, errors: list[BaseException],
+                     wake: Callable[[], None]) -> None:
+    try:
+        ctx.destroy()
+    except BaseException as e:  # reported by the teardown, never raised in a thread
+        errors.append(e)
+    finally:
+        wake()
