@@ -109,7 +109,7 @@ class Daemon:
         self.jobs: dict[str, Job] = {}
         self._stopping_jobs: list[Job] = []
         self._retiring_pools: list[_RetiringPool] = []
-        self._ended_pools: list[PoolSnapshot] = []
+        self._ended_pools: dict[str, PoolSnapshot] = {}  # removed pools, merged by name
         self._owner: dict[int, Job] = {}
         # `aiod run` installs the handlers before anything else; a Daemon made
         # some other way installs its own at startup.
@@ -340,7 +340,12 @@ class Daemon:
                      _totals_text(snap.totals()), extra={"AIOD_POOL": pool.name})
             with self._state_lock:
                 self._retiring_pools.remove(r)
-                self._ended_pools.append(snap)
+                self._end_pool(snap)
+
+    def _end_pool(self, snap: PoolSnapshot) -> None:
+        """Keep a removed pool's numbers for the report: one entry per name."""
+        before = self._ended_pools.get(snap.name)
+        self._ended_pools[snap.name] = snap if before is None else before.merged(snap)
 
     # ================================================================= reload
     def reload(self) -> bool:
@@ -538,7 +543,7 @@ class Daemon:
 
     def _report(self, reason: str, run: "_Stopping") -> dict[str, object]:
         done = self._teardown_counts().minus(run.before)
-        snaps = [p.snapshot() for p in self._all_pools()] + self._ended_pools
+        snaps = [p.snapshot() for p in self._all_pools()] + list(self._ended_pools.values())
         totals = _sum_totals(snaps)
         failed = [{"pool": r.pool, "index": r.index, "kernel_id": r.kernel_id,
                    "error": r.last_error}
@@ -694,6 +699,8 @@ def _pool_report(s: PoolSnapshot) -> dict[str, object]:
         "nr_events": s.nr_events,
         "totals": s.totals(),
         "contexts": [r.as_dict() for r in s.records],
+        # Older ended contexts, no longer listed one by one (see lifecycle.KEEP_ENDED).
+        "ended_contexts_folded": s.folded.as_dict(),
         "ops": [{"job": st.job, "op": st.op, "submitted": st.submitted,
                  "completed": st.completed, "cancelled": st.cancelled,
                  "failed": {errno_name(e): n for e, n in sorted(st.failed.items())}}

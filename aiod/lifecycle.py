@@ -15,7 +15,8 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 
@@ -148,3 +149,76 @@ class LifecycleRecord:
                 completed=self.completed, cancelled=self.cancelled, failed=self.failed,
                 in_flight=self.in_flight, last_error=self.last_error,
                 transitions=self.transitions)
+
+
+# How many ended (destroyed or failed) records a pool keeps in full. Older ones
+# are folded into per-pool totals, so a daemon that shrinks a pool on every
+# reload keeps a bounded history, and its metrics and report stay small.
+KEEP_ENDED = 16
+
+
+@dataclass(frozen=True)
+class FoldedRecords:
+    """Totals of ended records no longer kept one by one."""
+
+    contexts: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+
+    def plus(self, other: "FoldedRecords") -> "FoldedRecords":
+        states = dict(self.by_state)
+        for k, n in other.by_state.items():
+            states[k] = states.get(k, 0) + n
+        return FoldedRecords(self.contexts + other.contexts, states,
+                             self.submitted + other.submitted, self.completed + other.completed,
+                             self.cancelled + other.cancelled, self.failed + other.failed)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"contexts": self.contexts, "by_state": dict(self.by_state),
+                "submitted": self.submitted, "completed": self.completed,
+                "cancelled": self.cancelled, "failed": self.failed}
+
+
+def fold(records: list[RecordSnapshot]) -> FoldedRecords:
+    states: dict[str, int] = {}
+    for r in records:
+        states[r.state.value] = states.get(r.state.value, 0) + 1
+    return FoldedRecords(len(records), states, sum(r.submitted for r in records),
+                         sum(r.completed for r in records), sum(r.cancelled for r in records),
+                         sum(r.failed for r in records))
+
+
+class EndedRecords:
+    """The records of a pool's ended contexts: the latest in full, the rest folded.
+
+    Only final records are added (destroyed, or failed for good), so a folded
+    one can never change again. Written by the I/O loop, read by scrapes.
+    """
+
+    def __init__(self, keep: int = KEEP_ENDED) -> None:
+        self._lock = threading.Lock()
+        self._keep = keep
+        self._recent: deque[LifecycleRecord] = deque()
+        self._folded = FoldedRecords()
+
+    def make_room(self, n: int) -> None:
+        """Keep n more in full: a pool's last contexts all belong in its final report."""
+        with self._lock:
+            self._keep += n
+
+    def add(self, record: LifecycleRecord) -> None:
+        with self._lock:
+            self._recent.append(record)
+            if len(self._recent) > self._keep:
+                old = [self._recent.popleft().snapshot()
+                       for _ in range(len(self._recent) - self._keep)]
+                self._folded = self._folded.plus(fold(old))
+
+    def snapshot(self) -> tuple[list[RecordSnapshot], FoldedRecords]:
+        with self._lock:
+            recent = list(self._recent)
+            folded = self._folded
+        return [r.snapshot() for r in recent], folded

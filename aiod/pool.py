@@ -32,11 +32,12 @@ import os
 import select
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from aiod import aio
-from aiod.lifecycle import ContextState, LifecycleRecord, RecordSnapshot
+from aiod.lifecycle import (KEEP_ENDED, ContextState, EndedRecords, FoldedRecords,
+                            LifecycleRecord, RecordSnapshot, fold)
 from aiod.teardown import CANCEL_WAIT, DESTROY_TIMEOUT, Step, Teardown, TeardownCounts
 
 log = logging.getLogger("aiod.pool")
@@ -108,6 +109,19 @@ class OpStats:
     def failed_total(self) -> int:
         return sum(self.failed.values())
 
+    def add(self, other: "OpStats") -> None:
+        """Add another pool's counters of the same (job, op) to these."""
+        self.submitted += other.submitted
+        self.completed += other.completed
+        self.cancelled += other.cancelled
+        for err, n in other.failed.items():
+            self.failed[err] = self.failed.get(err, 0) + n
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets)]
+        self.latency_sum_ns += other.latency_sum_ns
+        self.latency_count += other.latency_count
+        if other.last_completion is not None:
+            self.last_completion = max(self.last_completion or 0.0, other.last_completion)
+
 
 class OpTag:
     """What the pool keeps on each op (``op.tag``) between submit and completion.
@@ -152,6 +166,7 @@ class PoolSnapshot:
     destroy_failures: int
     setup_failures: dict[int, int]
     oldest_in_flight_seconds: float
+    folded: FoldedRecords = field(default_factory=FoldedRecords)  # ended records not kept
     submitted: int = 0
     completed: int = 0
     cancelled: int = 0
@@ -159,6 +174,11 @@ class PoolSnapshot:
     in_flight: int = 0
 
     def __post_init__(self) -> None:
+        f = self.folded
+        self.submitted += f.submitted
+        self.completed += f.completed
+        self.cancelled += f.cancelled
+        self.failed += f.failed
         for r in self.records:
             self.submitted += r.submitted
             self.completed += r.completed
@@ -178,7 +198,37 @@ class PoolSnapshot:
         out = {s.value: 0 for s in ContextState}
         for r in self.records:
             out[r.state.value] += 1
+        for state, n in self.folded.by_state.items():
+            out[state] += n
         return out
+
+    def merged(self, later: "PoolSnapshot") -> "PoolSnapshot":
+        """This ended pool and a later one of the same name as one, for reports:
+        counters add up; the later pool's records stay in full, and of the
+        earlier ones only the last KEEP_ENDED, as within a pool."""
+        older = self.records
+        folded = self.folded.plus(later.folded)
+        if len(older) > KEEP_ENDED:
+            folded = folded.plus(fold(older[:-KEEP_ENDED]))
+            older = older[-KEEP_ENDED:]
+        records = older + later.records
+        stats = {(st.job, st.op): st.copy() for st in self.stats}
+        for st in later.stats:
+            mine = stats.get((st.job, st.op))
+            if mine is None:
+                stats[(st.job, st.op)] = st.copy()
+            else:
+                mine.add(st)
+        failures = dict(self.setup_failures)
+        for err, n in later.setup_failures.items():
+            failures[err] = failures.get(err, 0) + n
+        return PoolSnapshot(
+            name=later.name, state=later.state, nr_events=later.nr_events, records=records,
+            stats=list(stats.values()), setups=self.setups + later.setups,
+            destroys=self.destroys + later.destroys,
+            destroy_failures=self.destroy_failures + later.destroy_failures,
+            setup_failures=failures, oldest_in_flight_seconds=later.oldest_in_flight_seconds,
+            folded=folded)
 
 
 class Pool:
@@ -209,7 +259,7 @@ class Pool:
         self._slots: list[_Slot] = []        # contexts the pool reaps
         self._active: list[_Slot] = []       # the ones of those that take submissions
         self._detached: list[_Slot] = []     # being destroyed, or stuck in io_destroy
-        self._ended: list[LifecycleRecord] = []  # destroyed, or failed for good
+        self._ended = EndedRecords()         # destroyed, or failed for good
         self._members_lock = threading.Lock()  # moves between the lists above vs snapshots
         self._given_back: list[aio.Op] = []  # lost ops whose context io_destroy returned
         self._wake_lock = threading.Lock()   # the eventfd vs destroy threads that signal it
@@ -295,7 +345,7 @@ class Pool:
                 s.record.change_state(ContextState.DESTROYED)
                 with self._counts_lock:
                     self.destroys += 1
-                self._ended.append(s.record)
+                self._ended.add(s.record)
             raise
         for s in made:
             s.record.change_state(ContextState.ACTIVE)
@@ -550,6 +600,9 @@ class Pool:
         retiring keep going, their deadlines brought in to these."""
         self._accepting = False
         members, self._active = self._active, []
+        with self._members_lock:
+            # The pool's last contexts all belong in its final report.
+            self._ended.make_room(len(self._slots) + len(self._detached))
         self._teardown.add(members, drain_timeout)
         self._teardown.expedite(drain_timeout, destroy_timeout)
 
@@ -670,7 +723,7 @@ class Pool:
         assert isinstance(member, _Slot)
         with self._members_lock:
             self._detached.remove(member)
-            self._ended.append(member.record)
+            self._ended.add(member.record)
 
     def give_back(self, ops: Sequence[aio.Op]) -> None:
         self._given_back.extend(ops)
@@ -721,8 +774,8 @@ class Pool:
         with self._members_lock:
             live = list(self._slots)
             detached = list(self._detached)
-            ended = list(self._ended)
-        records = [s.record.snapshot() for s in live + detached] + [r.snapshot() for r in ended]
+            ended, folded = self._ended.snapshot()
+        records = [s.record.snapshot() for s in live + detached] + ended
         records.sort(key=lambda r: r.index)
         with self._stats_lock:
             stats = [st.copy() for st in self._stats.values()]
@@ -743,5 +796,5 @@ class Pool:
                 setups=self.setups, destroys=self.destroys,
                 destroy_failures=self.destroy_failures,
                 setup_failures=dict(self.setup_failures),
-                oldest_in_flight_seconds=oldest)
+                oldest_in_flight_seconds=oldest, folded=folded)
 

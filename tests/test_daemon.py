@@ -419,3 +419,40 @@ def test_sigterms_up_to_the_very_exit_are_logged_and_ignored_never_fatal(
     rep = d.report()
     assert rep["invariant_holds"] and rep["totals"]["in_flight"] == 0
     assert "received SIGTERM after the shutdown had finished; ignoring it" in d.log
+
+
+def test_ended_context_records_stay_bounded_across_reloads(
+        daemons: list[Aiod], tmp_path: Path) -> None:
+    d = start(daemons, tmp_path, base_config())
+    reloads = 0
+
+    def reload_with(**pool: Any) -> None:
+        nonlocal reloads
+        d.config["pools"][0].update(pool)
+        d.write_config(d.config)
+        d.signal(signal.SIGHUP)
+        reloads += 1
+        # Read the notify socket as systemd would: a full one blocks aiod's sends.
+        d.wait_until(lambda: bool(d.notify and d.notify.collect() is not None)
+                     and d.log.count("configuration reloaded") == reloads,
+                     what=f"reload {reloads}")
+
+    for i in range(40):  # shrink and grow: one context ends each time
+        reload_with(contexts=1 if i % 2 == 0 else 2)
+    d.wait_until(lambda: d.metric_sum("aiod_contexts", pool="default", state="destroyed")
+                 == 20, what="20 shrunk contexts destroyed")
+    for i in range(6):  # a new nr_events replaces the pool: one removed pool each time
+        reload_with(nr_events=32 if i % 2 == 0 else 64)
+    d.wait_until(lambda: d.log.count("pool default removed") == 6, what="6 pools removed")
+    assert d.stop() == 0
+    rep = d.report()
+    assert rep["invariant_holds"]
+    pools = [p for p in rep["pools"] if p["name"] == "default"]
+    assert len(pools) == 2  # the last pool, and every removed one folded into one entry
+    for p in pools:
+        assert len(p["contexts"]) <= 2 + 16
+        folded = p["ended_contexts_folded"]
+        assert folded["contexts"] + len(p["contexts"]) == p["setups"]
+        t = p["totals"]
+        assert t["submitted"] == t["completed"] + t["cancelled"] + t["failed"]
+    assert sum(p["setups"] for p in pools) == 2 + 20 + 6 * 2

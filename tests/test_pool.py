@@ -326,3 +326,30 @@ def test_oldest_in_flight_follows_the_oldest_op_still_in_flight() -> None:
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+def test_records_of_ended_contexts_stay_bounded_over_many_shrinks_and_fold_into_totals(
+        pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    os.write(w, b"x")  # polls complete at once: every cycle does real I/O
+    p = Pool("cycles", 2, 8)
+    submitted = 0
+    for _ in range(40):
+        ops = [aio.poll(r) for _ in range(4)]
+        assert p.submit(ops, job="j") == []
+        submitted += 4
+        reap_until(p, 4)
+        p.resize(1)
+        wait_retired(p)
+        p.resize(2)
+    snap = p.snapshot()
+    ended = [rec for rec in snap.records if rec.state is ContextState.DESTROYED]
+    assert len(snap.records) == 2 + 16 and len(ended) == 16  # the latest 16 in full
+    assert snap.folded.contexts == 24 and snap.folded.by_state == {"destroyed": 24}
+    assert snap.contexts_by_state()["destroyed"] == 40 and snap.destroys == 40
+    assert snap.submitted == submitted == snap.completed and snap.balanced
+    p.close()
+    final = p.snapshot()
+    # A pool's last contexts all stay in its final report.
+    assert len(final.records) == 2 + 16
+    assert final.contexts_by_state()["destroyed"] == 42 and final.balanced
