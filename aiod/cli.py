@@ -39,7 +39,8 @@ exit codes of `aiod status`:
 signals (aiod run):
   SIGTERM, SIGINT  drain in-flight I/O (shutdown.drain_timeout), cancel the rest,
                    io_destroy every context, write shutdown-report.json, exit 0;
-                   a second one during the drain skips straight to cancel
+                   a second one during the drain skips straight to cancel,
+                   any later one is logged and ignored
   SIGHUP           reload the configuration; a bad one keeps the running one
 """
 
