@@ -174,11 +174,18 @@ class Teardown:
 
     def next_deadline(self) -> float | None:
         """When poll next has something to do by the clock alone."""
-        times = [t for e in self._entries for t in (
-            e.drain_until if e.step is Step.DRAINING else
-            e.cancel_until if e.step is Step.CANCELLING else
-            e.destroy_until if e.step is Step.DESTROYING else None,) if t is not None]
-        return min(times) if times else None
+        soonest: float | None = None
+        for e in self._entries:
+            if e.step is Step.DRAINING:
+                t = e.drain_until
+            elif e.step is Step.CANCELLING:
+                t = e.cancel_until
+            elif e.step is Step.DESTROYING:
+                t = e.destroy_until
+            else:
+                continue  # stuck: nothing to wait for by the clock
+            soonest = t if soonest is None else min(soonest, t)
+        return soonest
 
     # ---------------------------------------------------------------- poll
     def poll(self) -> None:
