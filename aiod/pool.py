@@ -765,8 +765,10 @@ class Pool:
     def live_contexts(self) -> list[tuple[int, int, int]]:
         """(index, kernel id, nr_events) of every context not yet handed to
         io_destroy. Safe from another thread: a copy, taken without the loop."""
+        with self._members_lock:
+            members = self._slots + self._detached  # detached: io_destroy not yet called
         return [(s.record.index, s.ctx.id, s.ctx.nr_events)
-                for s in list(self._slots) if not s.ctx.destroyed]
+                for s in members if not s.ctx.destroyed]
 
     # ---------------------------------------------------------------- snapshot
     def snapshot(self) -> PoolSnapshot:
