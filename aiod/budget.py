@@ -95,6 +95,10 @@ class _Sample:
     aio_max_nr: int
     expected: list[Expected] | None     # None: no audit in this sample
     rings: list[hostscan.Ring] | None
+    # Pool sizes move between a sample's start and its result (a retirement
+    # ends, a shrink or reload resizes): both are fixed when the sample starts.
+    releasing: int = 0                  # events of contexts being torn down then
+    epoch: int = 0                      # Budget._epoch then
 
 
 class Budget:
@@ -128,6 +132,7 @@ class Budget:
         self._next_audit = 0.0
         self._next_scan = 0.0
         self._said: set[str] = set()    # one-time messages already logged
+        self._epoch = 0                 # bumped by every resize: older samples decide nothing
 
     # ------------------------------------------------------------ set-up
     def room_problem(self, cfg: Config | None = None) -> str | None:
@@ -164,6 +169,7 @@ class Budget:
     def configure(self, cfg: Config) -> None:
         """After a reload committed."""
         self.cfg = cfg
+        self._epoch += 1
         self.policy.configure(cfg)
         with self._lock:
             self.yields = {p.name: self.yields.get(p.name, 0) for p in cfg.pools}
@@ -195,14 +201,19 @@ class Budget:
         audit = now >= self._next_audit
         pools = self._all_pools() if audit else []
         proc = self.procfs_root
+        # Taken before fs.aio-nr is read: a context whose teardown ends in
+        # between is credited twice (a yield one check too small), never missed
+        # (a yield too large, which is what a shared aio-nr would punish).
+        releasing = sum(p.retiring * p.nr_events for p in self._pools.values())
+        epoch = self._epoch
 
         def sample() -> _Sample:
             nr, max_nr = aio.system_aio_usage(proc)
             if not audit:
-                return _Sample(nr, max_nr, None, None)
+                return _Sample(nr, max_nr, None, None, releasing, epoch)
             expected = [Expected(p.name, i, kid, n) for p in pools
                         for i, kid, n in p.live_contexts()]
-            return _Sample(nr, max_nr, expected, own_rings(proc))
+            return _Sample(nr, max_nr, expected, own_rings(proc), releasing, epoch)
 
         self._sampler.start(sample, now)
         self._next_sample = now + (min(CHECK_INTERVAL, self.audit_interval)
@@ -214,9 +225,10 @@ class Budget:
         if s.expected is not None and s.rings is not None:
             for leak in self.audit.observe(s.expected, s.rings):
                 self._log_leak(leak)
-        releasing = sum(p.retiring * p.nr_events for p in self._pools.values())
+        if s.epoch != self._epoch:
+            return  # a resize since it started: its aio-nr predates that resize
         before = dict(self.policy.targets)
-        d = self.policy.decide(s.aio_nr, s.aio_max_nr, now, releasing)
+        d = self.policy.decide(s.aio_nr, s.aio_max_nr, now, s.releasing)
         with self._lock:
             self.last_free, self.last_reserve = s.aio_max_nr - s.aio_nr, d.reserve
         for name, target in d.targets.items():
@@ -234,13 +246,14 @@ class Budget:
             return
         # The same call a reload makes: retiring contexts finish their I/O first.
         pool.resize(target, retire_timeout=self.cfg.shutdown.drain_timeout)
+        self._epoch += 1
         with self._lock:
             self.yields[pool.name] = self.yields.get(pool.name, 0) + 1
         log.warning("pool %s: yielding %d contexts (%d AIO events) to other processes: free "
-                    "headroom %d (fs.aio-max-nr %d - fs.aio-nr %d) is below headroom_reserve "
-                    "%d; %d -> %d contexts, in-flight I/O finishes first",
-                    pool.name, have - target, (have - target) * pool.nr_events,
-                    s.aio_max_nr - s.aio_nr, s.aio_max_nr, s.aio_nr,
+                    "headroom %d (fs.aio-max-nr %d - fs.aio-nr %d, %d more on their way back) "
+                    "is below headroom_reserve %d; %d -> %d contexts, in-flight I/O finishes "
+                    "first", pool.name, have - target, (have - target) * pool.nr_events,
+                    s.aio_max_nr - s.aio_nr, s.aio_max_nr, s.aio_nr, s.releasing,
                     d.reserve, have, target, extra={"AIOD_POOL": pool.name})
 
     def _grow(self, pool: Pool, target: int, d: Decision) -> None:
@@ -249,6 +262,7 @@ class Budget:
             return
         try:
             pool.resize(target)
+            self._epoch += 1
         except PoolError as e:
             # Someone took the room between the check and io_setup: try again later.
             self.policy.targets[pool.name] = pool.size

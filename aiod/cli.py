@@ -85,6 +85,7 @@ def check_config(path: str) -> int:
     cfg = load_config(path)
     if cfg is None:
         return EXIT_CONFIG
+    from aiod import aio
     from aiod.headroom import room_problem
     try:
         _, max_nr = aio.system_aio_usage()
