@@ -38,6 +38,7 @@ class SignalInbox:
         self._wakeup_w: socket.socket | None = None
         self.installed = False
         self.finished = False
+        self._previous: dict[int, object] = {}
 
     def install(self) -> "SignalInbox":
         """Catch the signals from now on (main thread only). Idempotent."""
@@ -48,7 +49,7 @@ class SignalInbox:
         self._wakeup_w.setblocking(False)
         signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         for sig in self._which:
-            signal.signal(sig, self._record)
+            self._previous[sig] = signal.signal(sig, self._record)
         self.installed = True
         return self
 
@@ -83,6 +84,25 @@ class SignalInbox:
             out.append(self._received.popleft())
         return out
 
+    def restore(self) -> None:
+        """Put back the handlers found at install and close the wakeup fd.
+
+        For code that runs a Daemon inside a longer-lived process (the
+        tests); `aiod run` never calls it, since its handlers must outlive
+        the shutdown (see finish)."""
+        if self.installed:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.set_wakeup_fd(-1)
+            self._close_wakeup()
+            self.installed = False
+
+    def _close_wakeup(self) -> None:
+        for s in (self._wakeup_r, self._wakeup_w):
+            if s is not None:
+                s.close()
+        self._wakeup_r = self._wakeup_w = None
+
     def finish(self, when: str = "as aiod was exiting") -> None:
         """From here to the process's exit, the signals are ignored. Those that
         arrived and were not acted on are logged, one line each."""
@@ -93,10 +113,7 @@ class SignalInbox:
             for sig in self._which:
                 signal.signal(sig, signal.SIG_IGN)
             signal.set_wakeup_fd(-1)
-            for s in (self._wakeup_r, self._wakeup_w):
-                if s is not None:
-                    s.close()
-            self._wakeup_r = self._wakeup_w = None
+            self._close_wakeup()
         import logging
         log = logging.getLogger("aiod.signals")
         for sig in self.take():

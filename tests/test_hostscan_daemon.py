@@ -150,6 +150,7 @@ def test_workers_do_not_outlive_a_clean_shutdown(tmp_path: Path) -> None:
     d.startup()
     d.budget.tick(time.monotonic())
     d.shutdown("test")
+    d.signals.restore()  # in-process: give pytest its handlers back
     deadline = time.monotonic() + 10
     while any(t.name.startswith("aiod-") for t in threading.enumerate()):
         assert time.monotonic() < deadline, threading.enumerate()

@@ -115,6 +115,7 @@ def test_daemon_gauge_log_and_shutdown_report(tmp_path: Path,
         wait_gauge(d, 0)                # gone again: the gauge says so
     finally:
         res = d.shutdown("test")
+        d.signals.restore()  # in-process: give pytest its handlers back
     assert res.report["context_leaks"] == 1          # it happened, and the report says so
     assert res.report["aio_rings_left"] == 0         # nothing left after shutdown
     assert own_rings() == []
@@ -131,6 +132,7 @@ def test_daemon_sees_a_context_destroyed_behind_its_back(tmp_path: Path) -> None
         wait_gauge(d, 1)
     finally:
         res = d.shutdown("test")
+        d.signals.restore()  # in-process: give pytest its handlers back
     assert res.report["context_leaks"] == 1 and res.report["aio_rings_left"] == 0
     # the pool's own io_destroy then fails, and is reported as such
     assert len(res.report["failed_to_destroy"]) == 1  # type: ignore[arg-type]
