@@ -1,12 +1,14 @@
 # Two commands: `make run` and `make test`. Both create .venv and install
 # everything first (Debian build packages included when missing).
+# `make deb` builds the Debian package into dist/; `make wheel` the wheel,
+# for hosts without it (deploy/install.md).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.aiod-installed
 ARGS   ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench deb wheel clean
 
 $(STAMP): pyproject.toml deploy/debian-deps.sh
 	@sh deploy/debian-deps.sh
@@ -20,6 +22,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/aiod run $(ARGS)
 
+# The system tests build the .deb from this tree themselves (tests/system).
 test: install
 	@sh deploy/debian-deps.sh --test
 	$(BIN)/python -m pytest $(ARGS)
@@ -27,5 +30,14 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
+deb:
+	@sh deploy/debian-deps.sh --deb
+	@sh deploy/build-deb.sh dist
+
+# A throwaway venv of its own for pip: no system pip, no project venv needed.
+wheel:
+	@test -x build/wheel-env/bin/pip || $(PYTHON) -m venv build/wheel-env
+	build/wheel-env/bin/pip wheel -q --disable-pip-version-check --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -3,20 +3,23 @@
 # against libsystemd), or, when not root, name them and the command to run.
 #
 # Usage: deploy/debian-deps.sh              the build packages; missing = error
+#        deploy/debian-deps.sh --deb        what `make deb` needs (debhelper,
+#                                           dh-python/pybuild); missing = error
 #        deploy/debian-deps.sh --test       the packages the tests drive for real
 #                                           (fio, promtool, FUSE, a container
-#                                           systemd); missing and not root = a
-#                                           note, and the tests that need them skip
+#                                           systemd, the .deb build, lintian);
+#                                           missing and not root = a note, and
+#                                           the tests that need them skip
 set -eu
 BUILD="libsystemd-dev pkg-config gcc python3-venv python3-dev"
-TEST="fio prometheus fuse3 libfuse3-3 systemd-container debootstrap e2fsprogs util-linux"
+DEB="debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel dpkg-dev"
+TEST="fio prometheus fuse3 libfuse3-3 systemd-container debootstrap e2fsprogs util-linux lintian $DEB"
 optional=0
-if [ "${1:-}" = "--test" ]; then
-    PKGS="$TEST"
-    optional=1
-else
-    PKGS="$BUILD"
-fi
+case "${1:-}" in
+    --test) PKGS="$TEST"; optional=1 ;;
+    --deb) PKGS="$DEB" ;;
+    *) PKGS="$BUILD" ;;
+esac
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

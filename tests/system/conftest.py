@@ -1,10 +1,13 @@
 """Session fixtures for tests against a real systemd, journald and Prometheus.
 
 ``container`` boots a Debian trixie container (systemd 257, which knows
-Type=notify-reload) with aiod installed the operator way: the wheel built
-from this tree into /opt/aiod, systemd/aiod.service, a test config. The
-rootfs is debootstrapped once and cached in /var/cache/aiod-tests (override
-with AIOD_TEST_CACHE); each session boots a fresh copy of it.
+Type=notify-reload) and installs aiod the Debian way: the .deb built from
+this tree (deploy/build-deb.sh), with `apt-get install ./aiod_*.deb`, over a
+test config put in /etc/aiod/aiod.yaml first (as configuration management
+would). ``container252`` does the same on bookworm (systemd 252), where the
+package adds the compat drop-in. The rootfs is debootstrapped once and
+cached in /var/cache/aiod-tests (override with AIOD_TEST_CACHE); each
+session boots a fresh copy of it.
 
 Skips, with the reason, only when not root or when the tools cannot be
 installed with apt-get. Everything else that goes wrong is a failure.
@@ -13,18 +16,15 @@ installed with apt-get. Everything else that goes wrong is a failure.
 from __future__ import annotations
 
 import os
-import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.system import nspawn
-from tests.system.support import (CONFIG, REPORT, REPO, AiodService, aiod_yaml, ensure_tools,
-                                  free_port)
-
-UNIT = REPO / "systemd" / "aiod.service"
-COMPAT_DROPIN = REPO / "systemd" / "aiod.service.d-systemd252" / "compat.conf"
+from tests.system import nspawn, packages
+from tests.system.support import (CONFIG, REPORT, AiodService, aiod_yaml, ensure_tools,
+                                  free_port, install_deb)
 
 CONTAINER_TOOLS = {"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap",
                    "nsenter": "util-linux", "mountpoint": "util-linux"}
@@ -51,13 +51,26 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def container(container_tools: None, metrics_port: int) -> Iterator[nspawn.Container]:
-    files = {"/etc/systemd/system/aiod.service": UNIT.read_text(),
-             CONFIG: aiod_yaml(metrics_port)}
-    with nspawn.booted("trixie", src=REPO, python=sys.executable, files=files) as c:
-        # enabled, as an operator would: that also keeps the unit loaded when
-        # inactive, so ExecMainStatus= and Result= of the last run stay readable
-        c.sh("systemctl enable aiod", check=True)
+def aiod_deb(container_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """aiod_<version>_all.deb built from the tree under test, once per session."""
+    return packages.build_deb(tmp_path_factory.mktemp("deb"))
+
+
+def installed(c: nspawn.Container, deb: Path) -> None:
+    """Install the package over the test config; leave aiod enabled but stopped.
+
+    The package enables and starts aiod.service; stopped, each test starts
+    it on its own terms. Enabled, as the package leaves it, the unit stays
+    loaded when inactive, so ExecMainStatus= and Result= stay readable.
+    """
+    install_deb(c, deb)
+    c.sh("systemctl stop aiod", timeout=90, check=True)
+
+
+@pytest.fixture(scope="session")
+def container(aiod_deb: Path, metrics_port: int) -> Iterator[nspawn.Container]:
+    with nspawn.booted("trixie", files={CONFIG: aiod_yaml(metrics_port)}) as c:
+        installed(c, aiod_deb)
         yield c
 
 
@@ -80,12 +93,9 @@ def aiod(container: nspawn.Container, metrics_port: int) -> Iterator[AiodService
 
 
 @pytest.fixture(scope="session")
-def container252(container_tools: None) -> Iterator[tuple[nspawn.Container, int]]:
-    """Debian bookworm (systemd 252) with the unit plus the compat drop-in."""
+def container252(aiod_deb: Path) -> Iterator[tuple[nspawn.Container, int]]:
+    """Debian bookworm (systemd 252): the package adds the compat drop-in."""
     port = free_port()
-    files = {"/etc/systemd/system/aiod.service": UNIT.read_text(),
-             "/etc/systemd/system/aiod.service.d/compat.conf": COMPAT_DROPIN.read_text(),
-             CONFIG: aiod_yaml(port)}
-    with nspawn.booted("bookworm", src=REPO, python=sys.executable, files=files) as c:
-        c.sh("systemctl enable aiod", check=True)
+    with nspawn.booted("bookworm", files={CONFIG: aiod_yaml(port)}) as c:
+        installed(c, aiod_deb)
         yield c, port

@@ -42,9 +42,15 @@ from pathlib import Path
 from typing import Iterator
 
 CACHE = Path(os.environ.get("AIOD_TEST_CACHE", "/var/cache/aiod-tests"))
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv",
-            "python3-systemd", "python3-prometheus-client", "python3-yaml",
-            "procps", "curl")
+# A fresh server: systemd and little else. No Python: aiod's package brings
+# what it needs, and the tests check that it does.
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "curl")
+# Downloaded into the rootfs's apt cache, not installed: what
+# `apt-get install ./aiod_*.deb` (and the wheel route) pull in, so that a
+# container installs them from the cache, without the network (containers
+# with a private network have none).
+PRELOAD = ("python3", "python3-systemd", "python3-prometheus-client", "python3-yaml",
+           "python3-venv")
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NSPAWN_RUN = Path("/run/systemd/nspawn")
 
@@ -71,10 +77,11 @@ def debian_mirror() -> str:
 def cached_rootfs(suite: str) -> Path:
     """The cached root filesystem of Debian ``suite``, debootstrapped when missing.
 
-    The directory name carries a hash of the package list, so changing
-    PACKAGES builds a new one. A lock serialises concurrent test sessions.
+    The directory name carries a hash of the package lists, so changing
+    PACKAGES or PRELOAD builds a new one. A lock serialises concurrent test
+    sessions.
     """
-    digest = hashlib.sha256(" ".join(PACKAGES).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(" ".join(PACKAGES + ("+",) + PRELOAD).encode()).hexdigest()[:8]
     final = CACHE / f"rootfs-{suite}-{digest}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock", "w") as lock:
@@ -95,6 +102,7 @@ def cached_rootfs(suite: str) -> Path:
             if r.returncode != 0:
                 raise RuntimeError(f"debootstrap {suite} failed ({r.returncode}):\n"
                                    f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+            _preload(tmp)
             # Quieter, faster boots: nothing in the container needs these.
             for unit in ("systemd-networkd.service", "systemd-resolved.service",
                          "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
@@ -106,6 +114,18 @@ def cached_rootfs(suite: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
+
+
+def _preload(root: Path) -> None:
+    """Fill root's apt cache with PRELOAD and its dependencies, and nothing else."""
+    env = {"PATH": CONTAINER_PATH, "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "clean"],  # debootstrap's own downloads: only slower copies
+                ["apt-get", "install", "-y", "-q", "--download-only", *PRELOAD]):
+        r = subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True,
+                           env=env, timeout=DEBOOTSTRAP_TIMEOUT)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} in the new rootfs failed ({r.returncode}):\n"
+                               f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
 
 
 def _nspawn_run_on_tmpfs() -> None:
@@ -165,6 +185,13 @@ class Container:
                                  f"stdout: {r.stdout}\nstderr: {r.stderr}")
         return r
 
+    def put(self, src: Path, directory: str = "/root") -> str:
+        """Copy the host file ``src`` into ``directory``; its path in the container."""
+        dest = self.root / directory.lstrip("/") / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+        return f"{directory.rstrip('/')}/{src.name}"
+
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
         """Write ``text`` to ``path`` (absolute, inside the container)."""
         target = self.root / path.lstrip("/")
@@ -188,46 +215,30 @@ class Container:
         return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
 
-def _wheel(src: Path, out: Path, python: str) -> Path:
-    """Build the aiod wheel from a copy of the tree under test (never in place)."""
-    tree = out / "src"
-    shutil.copytree(src, tree, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-        ".hypothesis", ".benchmarks", ".mypy_cache"))
-    wheels = out / "wheel"
-    r = subprocess.run([python, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                        "--no-deps", "-w", str(wheels), str(tree)],
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise RuntimeError(f"pip wheel failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    (whl,) = wheels.glob("aiod-*.whl")
-    return whl
-
-
 @contextlib.contextmanager
-def booted(suite: str, *, src: Path, python: str,
-           files: dict[str, str]) -> Iterator[Container]:
-    """Boot a fresh copy of the ``suite`` rootfs with aiod installed the operator way.
+def booted(suite: str, *, files: dict[str, str] | None = None,
+           private_network: bool = False) -> Iterator[Container]:
+    """Boot a fresh copy of the ``suite`` rootfs; installing aiod is the caller's.
 
-    ``files`` (container path -> text) are written before boot. On exit the
-    container is powered off (killed if it does not stop) and its copy removed.
+    ``files`` (container path -> text) are written before boot. The
+    container shares the host's network unless ``private_network`` (then it
+    has only its own loopback: ports cannot clash with the host's, and apt
+    installs from the preloaded cache alone). On exit the container is
+    powered off (killed if it does not stop) and its copy removed.
     """
     base = cached_rootfs(suite)
     work = Path(tempfile.mkdtemp(prefix=f"aiod-system-{suite}-", dir="/var/tmp"))
     proc: subprocess.Popen[bytes] | None = None
     leader = 0
     try:
-        whl = _wheel(src, work, python)
         root = work / "root"
         subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(root)],
                        check=True, timeout=300)
         root.chmod(0o755)  # the container's /, which unprivileged services must traverse
-        (root / "root/aiod-wheel").mkdir(parents=True)
-        shutil.copy2(whl, root / "root/aiod-wheel" / whl.name)
         name = f"aiod-test-{os.getpid()}-{suite}"
         log = work / "nspawn.log"
         c = Container(name=name, root=root, leader=0, log=log)
-        for path, text in files.items():
+        for path, text in (files or {}).items():
             c.write_file(path, text)
 
         _nspawn_run_on_tmpfs()
@@ -235,7 +246,8 @@ def booted(suite: str, *, src: Path, python: str,
         with open(log, "wb") as logf:
             proc = subprocess.Popen(
                 ["systemd-nspawn", "-D", str(root), "-b", "-M", name,
-                 "--register=no", "--keep-unit", "--console=pipe"],
+                 "--register=no", "--keep-unit", "--console=pipe",
+                 *(["--private-network"] if private_network else [])],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True)
 
@@ -261,10 +273,6 @@ def booted(suite: str, *, src: Path, python: str,
         if r.stdout.strip() not in ("running", "degraded"):
             raise RuntimeError(f"container did not boot: {r.stdout}{r.stderr}\n"
                                + c.sh("systemctl --failed --no-legend").stdout)
-        c.sh("python3 -m venv --system-site-packages /opt/aiod && "
-             "/opt/aiod/bin/pip install -q --disable-pip-version-check --no-index --no-deps "
-             "/root/aiod-wheel/aiod-*.whl && systemctl daemon-reload",
-             timeout=300, check=True)
         yield c
     finally:
         if proc is not None:

@@ -59,6 +59,18 @@ def ensure_tools(tools: dict[str, str]) -> str | None:
     return None
 
 
+# Non-interactive, and a config already in /etc/aiod/aiod.yaml is kept (as
+# when configuration management put it there before the package came).
+APT_GET = ("DEBIAN_FRONTEND=noninteractive apt-get -q -y "
+           "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
+
+
+def install_deb(c: Container, deb: Path) -> subprocess.CompletedProcess[str]:
+    """`apt-get install ./aiod_*.deb` in the container, as an operator types it."""
+    c.put(deb, "/root")
+    return c.sh(f"cd /root && {APT_GET} install ./{deb.name}", timeout=600, check=True)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

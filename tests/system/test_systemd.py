@@ -1,8 +1,9 @@
 """aiod as a systemd service: readiness, journal, reload, stop, watchdog, hardening.
 
 Against a real systemd 257 and journald in a Debian trixie container, with
-the unit file as shipped (systemd/aiod.service), and against systemd 252
-(Debian bookworm) with the compat drop-in.
+aiod installed from its Debian package (the unit file as shipped:
+systemd/aiod.service), and against systemd 252 (Debian bookworm), where the
+package adds the compat drop-in.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests.system.support import (CONFIG, REPORT, STATE, AiodService, aiod_yaml,
 
 pytestmark = pytest.mark.system
 
-UNIT_PATH = "/etc/systemd/system/aiod.service"
+UNIT_PATH = "/lib/systemd/system/aiod.service"  # where the package puts it
 
 
 def active_contexts(svc: AiodService) -> float:
@@ -53,7 +54,10 @@ def check_report_accounting(report: dict[str, Any]) -> None:
 
 def test_unit_file_verifies_clean_under_systemd_257(container: nspawn.Container) -> None:
     assert container.sh("systemctl --version", check=True).stdout.startswith("systemd 25")
-    r = container.sh(f"systemd-analyze verify {UNIT_PATH}")
+    # --man=no: Documentation=man:aiod(8) is checked by running man, which a
+    # minimal server (this container) does not have; the page itself ships
+    # in the package (tests/system/test_debian_package.py)
+    r = container.sh(f"systemd-analyze verify --man=no {UNIT_PATH}")
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     assert container.show("aiod", "Type")["Type"] == "notify-reload"
 
