@@ -243,3 +243,25 @@ def test_wheel_route_works_on_a_fresh_server_without_pip(wheel: Path) -> None:
         assert c.sh("systemctl stop aiod", timeout=90).returncode == 0
         assert c.show("aiod", "Result")["Result"] == "success"
 
+
+def test_test_setup_installs_prometheus_without_starting_or_enabling_it(
+        container_tools: None) -> None:
+    """`make test` needs Prometheus's programs, not a Prometheus server on :9090.
+
+    deploy/debian-deps.sh --test on a systemd host (a bookworm container,
+    on the host's network for the Debian mirror): the packages arrive, and
+    no service of theirs runs or is enabled.
+    """
+    with nspawn.booted("bookworm") as c:
+        script = c.put(REPO / "deploy" / "debian-deps.sh", "/root")
+        r = c.sh(f"sh {script} --test", timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert c.sh("command -v prometheus && command -v promtool").returncode == 0
+        p = c.show("prometheus", "UnitFileState", "ActiveState")
+        assert p == {"UnitFileState": "disabled", "ActiveState": "inactive"}, p
+        assert c.sh("pgrep -x prometheus").returncode != 0, "a Prometheus server runs"
+        # the policy-rc.d was only for the install
+        assert c.sh("test -e /usr/sbin/policy-rc.d").returncode != 0
+        # and a second run, with everything there, changes nothing
+        assert c.sh(f"sh {script} --test", timeout=300).returncode == 0
+        assert c.show("prometheus", "UnitFileState")["UnitFileState"] == "disabled"
