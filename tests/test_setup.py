@@ -82,3 +82,11 @@ def test_the_package_builds_without_deprecation_warnings_and_ships_its_license(
         licence = [n for n in names if n.endswith("/LICENSE")]
         assert licence and "Apache License" in z.read(licence[0]).decode()
     assert "License-Expression: Apache-2.0" in meta.splitlines()
+
+
+def test_deb_build_packages_are_named_for_non_root(fake_bin: Path) -> None:
+    r = run_as_nobody(fake_bin, "--deb")
+    assert r.returncode == 1
+    for pkg in ("debhelper", "dh-python", "pybuild-plugin-pyproject", "dpkg-dev"):
+        assert pkg in r.stderr
+    assert "sudo apt-get install" in r.stderr
