@@ -2,8 +2,9 @@
 
 - A fresh bookworm server (systemd, no Python) gets a serving aiod from
   `apt-get install ./aiod_*.deb` alone: dependencies from Debian, the unit
-  enabled and started, the compat drop-in because systemd is 252; and
-  `apt-get purge aiod` leaves nothing of aiod behind.
+  enabled and started, the compat drop-in because systemd is 252 (decided
+  again whenever the systemd package changes); and `apt-get purge aiod`
+  leaves nothing of aiod behind.
 - On trixie (systemd 257) there is no drop-in: Type=notify-reload.
 - A probe outside the state directory fails under the sandbox until the
   unit gets ReadWritePaths=, as install.md explains.
@@ -107,6 +108,22 @@ def test_bookworm_gets_the_compat_dropin_and_the_shipped_files(
     active = [ln for ln in c.read_file("/etc/sysctl.d/60-aiod.conf").splitlines()
               if ln.strip() and not ln.lstrip().startswith("#")]
     assert active == []
+
+
+def test_the_compat_dropin_is_decided_again_when_systemd_changes(
+        fresh: tuple[nspawn.Container, str]) -> None:
+    # An upgrade of the systemd package fires aiod's file trigger; the
+    # postinst then decides on the drop-in for the systemd now installed.
+    # Here systemd stays 252, so a lost drop-in comes back.
+    c, _ = fresh
+    c.sh(f"rm {COMPAT} && systemctl daemon-reload", check=True)
+    assert c.show("aiod", "DropInPaths")["DropInPaths"] == ""
+    r = c.sh("dpkg-trigger --no-await /lib/systemd/systemd && dpkg --triggers-only --pending",
+             timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert c.sh(f"test -L {COMPAT}").returncode == 0, "the trigger did not restore the drop-in"
+    assert c.show("aiod", "DropInPaths")["DropInPaths"] == COMPAT  # and systemd has seen it
+    assert c.show("aiod", "ActiveState")["ActiveState"] == "active"
 
 
 def test_metrics_on_bookworms_prometheus_client_are_lint_clean(
