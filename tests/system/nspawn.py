@@ -8,8 +8,9 @@ the cache.
 The recipe, by hand (as root; what the code below does):
 
     apt-get install -y systemd-container debootstrap
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3 \
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,procps,curl \
         bookworm "$ROOT" "$MIRROR"        # MIRROR: the URIs line of apt's debian.sources
+    chroot "$ROOT" apt-get install -y --download-only python3 ...   # PRELOAD, cached only
     mount -t tmpfs tmpfs /run/systemd/nspawn   # unless it is a mount point already
     SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -D "$ROOT" -b \
         --register=no --keep-unit --console=pipe &
@@ -21,7 +22,10 @@ The recipe, by hand (as root; what the code below does):
   with "Parent died too early" without it), and nspawn wants
   /run/systemd/nspawn on a tmpfs.
 - The container shares the host's network: a service in it listening on
-  127.0.0.1 is reachable from the host.
+  127.0.0.1 is reachable from the host. With ``--private-network`` it has
+  only a loopback of its own (and apt only the preloaded cache).
+- aiod itself is installed by the tests (tests/system/conftest.py): its
+  Debian package, `apt-get install ./aiod_*.deb`.
 """
 
 from __future__ import annotations
