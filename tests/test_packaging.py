@@ -113,6 +113,7 @@ def test_deb_installs_the_unit_config_man_page_and_sysctl_example(built_deb: Pat
     for want in ("/usr/bin/aiod", "/lib/systemd/system/aiod.service",
                  "/etc/aiod/aiod.yaml", "/etc/sysctl.d/60-aiod.conf",
                  "/usr/share/man/man8/aiod.8.gz", "/usr/share/aiod/systemd252/compat.conf",
+                 "/usr/share/aiod/host-scan/host-scan.conf",
                  "/usr/lib/python3/dist-packages/aiod/default.yaml",
                  "/usr/share/doc/aiod/examples/block-device.yaml",
                  "/usr/share/doc/aiod/examples/mixed.yaml"):
