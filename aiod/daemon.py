@@ -110,7 +110,6 @@ class Daemon:
         self._stopping_jobs: list[Job] = []
         self._retiring_pools: list[_RetiringPool] = []
         self._ended_pools: dict[str, PoolSnapshot] = {}  # removed pools, merged by name
-        self._owner: dict[int, Job] = {}
         # `aiod run` installs the handlers before anything else; a Daemon made
         # some other way installs its own at startup.
         self.signals = signals if signals is not None else SignalInbox()
@@ -234,8 +233,6 @@ class Daemon:
         job.start()
         with self._state_lock:
             self.jobs[jc.name] = job
-        for op in job.ops:
-            self._owner[id(op)] = job
         return job
 
     # ============================================================== main loop
@@ -295,9 +292,11 @@ class Daemon:
                 continue
             for op in pool.reap(timeout=0):
                 n += 1
-                job = self._owner.get(id(op))
-                if job is not None:
-                    job.complete(op)
+                # The job travels on the op: ops a job builds on a retry are
+                # routed the same as the first ones.
+                owner = op.tag.owner if op.tag is not None else None
+                if isinstance(owner, Job):
+                    owner.complete(op)
         return n
 
     def _tick(self) -> None:
@@ -314,14 +313,11 @@ class Daemon:
         if self._stopping_jobs:
             for job in [j for j in self._stopping_jobs if j.close_if_idle()]:
                 self._stopping_jobs.remove(job)
-                self._forget_ops(job)
+                self._forget_job(job)
         if self._retiring_pools and self.phase is Phase.SERVING:
             self._retire_pools()  # during shutdown, shutdown owns them
 
-    def _forget_ops(self, job: Job) -> None:
-        for op in job.ops:
-            if self._owner.get(id(op)) is job:
-                del self._owner[id(op)]
+    def _forget_job(self, job: Job) -> None:
         if job.name not in self.jobs:  # removed, not restarted under the same name
             job.pool.forget(job.name)
 
@@ -451,7 +447,7 @@ class Daemon:
         with self._state_lock:
             del self.jobs[job.name]
         if job.state is JobState.STOPPED:
-            self._forget_ops(job)
+            self._forget_job(job)
         else:
             self._stopping_jobs.append(job)
         log.info("job %s: stopped", job.name, extra={"AIOD_JOB": job.name})

@@ -22,7 +22,7 @@ from typing import Callable
 
 from aiod import aio
 from aiod.config import JobConfig, WRITE_OPS
-from aiod.pool import Outcome, Pool, PoolClosed
+from aiod.pool import OpTag, Outcome, Pool, PoolClosed
 from aiod.targets import OpenTarget, OwnedFiles, TargetError, open_fifo, open_target
 
 log = logging.getLogger("aiod.jobs")
@@ -129,6 +129,7 @@ class Job:
                     op = aio.poll(fd, select.POLLIN)
                 else:
                     op = aio.fsync(fd)
+                op.tag = OpTag(owner=self)  # the daemon hands completions back through it
                 self._ops.append(op)
                 self._free[kind].append(op)
 
@@ -147,7 +148,7 @@ class Job:
 
     @property
     def ops(self) -> list[aio.Op]:
-        """Every op this job owns (the daemon maps completions back by them)."""
+        """Every op this job owns; each carries the job as its tag's owner."""
         return self._ops
 
     # ------------------------------------------------------------------ I/O

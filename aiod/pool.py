@@ -127,12 +127,15 @@ class OpTag:
     """What the pool keeps on each op (``op.tag``) between submit and completion.
 
     Reused when an op is resubmitted, so the load loop allocates nothing per op.
+    ``owner`` is whoever hands the op's completion on (a job): it travels with
+    the op, so no table of ops can fall out of step with the ops in use.
     """
 
     __slots__ = ("job", "stats", "slot", "submitted_ns", "issued_ns", "cancel_requested",
-                 "outcome", "errno", "latency_ns")
+                 "outcome", "errno", "latency_ns", "owner")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: object = None) -> None:
+        self.owner = owner
         self.job: str | None = None
         self.stats: OpStats | None = None
         self.slot: "_Slot | None" = None
