@@ -110,6 +110,7 @@ class Daemon:
         self._stopping_jobs: list[Job] = []
         self._retiring_pools: list[_RetiringPool] = []
         self._ended_pools: dict[str, PoolSnapshot] = {}  # removed pools, merged by name
+        self._owned_files: OwnedFiles | None = None
         # `aiod run` installs the handlers before anything else; a Daemon made
         # some other way installs its own at startup.
         self.signals = signals if signals is not None else SignalInbox()
@@ -226,7 +227,16 @@ class Daemon:
                       "and the shutdown report will fail", path, e.strerror)
 
     def _owned(self, state_dir: Path) -> OwnedFiles | None:
-        return OwnedFiles(state_dir) if state_dir.is_dir() else None
+        """The one record of aiod's files for state_dir.
+
+        Kept across reloads: fills still running record their files in it from
+        worker threads, and a second instance would overwrite their entries.
+        """
+        if not state_dir.is_dir():
+            return None
+        if self._owned_files is None or self._owned_files.path.parent != state_dir:
+            self._owned_files = OwnedFiles(state_dir)
+        return self._owned_files
 
     def _start_job(self, jc: JobConfig, owned: OwnedFiles | None) -> Job:
         job = Job(jc, self.pools[jc.pool], owned, clock=self.clock)
@@ -662,8 +672,10 @@ class Daemon:
     def _summary(self) -> str:
         contexts = sum(p.size for p in self.pools.values())
         running = sum(1 for j in self.jobs.values() if j.state is JobState.RUNNING)
+        preparing = sum(1 for j in self.jobs.values() if j.state is JobState.PREPARING)
         return (f"{len(self.pools)} pool{'s' if len(self.pools) != 1 else ''} "
-                f"({contexts} contexts), {running}/{len(self.jobs)} jobs running")
+                f"({contexts} contexts), {running}/{len(self.jobs)} jobs running"
+                + (f", {preparing} preparing their targets" if preparing else ""))
 
     def _status_line(self) -> str:
         snaps = [p.snapshot() for p in self._all_pools()]

@@ -8,6 +8,10 @@ so a running job allocates nothing per operation.
 A job whose target cannot be used (missing, permission, full disk, refused
 write) does not stop the daemon: the error is counted, logged, and the job
 tries again later.
+
+A job whose target does not exist yet is ``preparing`` while a worker creates
+and fills it (see fill.py); pump polls the fill and starts the job when it is
+done. The loop never waits for a fill.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from typing import Callable
 
 from aiod import aio
 from aiod.config import JobConfig, WRITE_OPS
+from aiod.fill import Fill
 from aiod.pool import OpTag, Outcome, Pool, PoolClosed
-from aiod.targets import OpenTarget, OwnedFiles, TargetError, open_fifo, open_target
+from aiod.targets import (OpenTarget, OwnedFiles, TargetError, open_fifo, open_target,
+                          remove_stale_partial, target_missing)
 
 log = logging.getLogger("aiod.jobs")
 
@@ -33,10 +39,13 @@ RETRY_INTERVAL = 10.0  # seconds between attempts to open a target that failed
 FAILURE_BACKOFF_MIN = 0.05
 FAILURE_BACKOFF_MAX = 5.0
 TIMEOUT_CHECK_INTERVAL = 0.25
+FILL_POLL_INTERVAL = 0.25      # how often pump looks at a fill in progress
+FILL_PROGRESS_INTERVAL = 5.0   # seconds between progress lines of a fill
 
 
 class JobState(str, enum.Enum):
     STARTING = "starting"
+    PREPARING = "preparing"  # its target is being created and filled on a worker
     RUNNING = "running"
     ERROR = "error"        # target unusable; retried every RETRY_INTERVAL
     STOPPING = "stopping"  # no new submissions; waiting for in-flight ops
@@ -70,6 +79,9 @@ class Job:
         self._last_errno_logged: dict[int, float] = {}
         self._pause_until = 0.0
         self._backoff = 0.0
+        self._fill: Fill | None = None
+        self._filled = False  # our own fill just put the target there
+        self._next_fill_log = 0.0
         # Counters read by the metrics collector (plain ints: written by the
         # I/O loop only, read as whole values by the scrape thread).
         self.errors: dict[str, int] = {}
@@ -84,31 +96,72 @@ class Job:
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> bool:
-        """Open (creating when missing) the target and build the ops. False on error."""
+        """Open the target and build the ops. True when the job is running.
+
+        A missing target is not created here: a worker fills it and the job is
+        PREPARING until pump sees the fill done. False on error or while preparing.
+        """
         now = self._clock()
         try:
             if self.cfg.op == "poll":
                 self.target = open_fifo(self.cfg.target)
             else:
+                if target_missing(self.cfg.target):
+                    self._begin_fill(now)
+                    return False
+                if not self._filled:
+                    remove_stale_partial(self.cfg.target)
                 self.target = open_target(
                     self.cfg.target, size=self.cfg.size, block_size=self.cfg.block_size,
                     direct=self.cfg.direct, needs_write=self.needs_write,
-                    allow_write=self.cfg.allow_write, owned=self._owned)
+                    allow_write=self.cfg.allow_write, owned=self._owned, filled=self._filled)
         except TargetError as e:
-            self._count_error(e.reason)
-            self.state = JobState.ERROR
-            self._retry_at = now + RETRY_INTERVAL
-            log.error("job %s: %s; retrying in %.0fs", self.name, e, RETRY_INTERVAL,
-                      extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
-                             "AIOD_TARGET": str(self.cfg.target), "ERRNO": e.errno})
+            self._fail(e, now)
             return False
-        if self.target.created and self.cfg.op != "poll":
-            log.info("job %s: created %s (%d bytes of data)", self.name, self.target.path,
-                     self.target.size, extra={"AIOD_JOB": self.name})
+        finally:
+            self._filled = False
         self._build_ops()
         self.state = JobState.RUNNING
         self._next_due = now
         return True
+
+    def _fail(self, e: TargetError, now: float) -> None:
+        self._count_error(e.reason)
+        self.state = JobState.ERROR
+        self._retry_at = now + RETRY_INTERVAL
+        log.error("job %s: %s; retrying in %.0fs", self.name, e, RETRY_INTERVAL,
+                  extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
+                         "AIOD_TARGET": str(self.cfg.target), "ERRNO": e.errno})
+
+    def _begin_fill(self, now: float) -> None:
+        self._fill = Fill(self.cfg.target, self.cfg.size, self._owned, name=self.name,
+                          clock=self._clock).start()
+        self.state = JobState.PREPARING
+        self._next_fill_log = now + FILL_PROGRESS_INTERVAL
+        log.info("job %s: creating %s and filling it with %s of random data in the "
+                 "background; the job starts when it is done", self.name, self.cfg.target,
+                 _size_text(self.cfg.size), extra={"AIOD_JOB": self.name})
+
+    def _poll_fill(self, now: float) -> None:
+        fill = self._fill
+        assert fill is not None
+        if not fill.done:
+            if now >= self._next_fill_log:
+                self._next_fill_log = now + FILL_PROGRESS_INTERVAL
+                log.info("job %s: filling %s: %s of %s (%d%%)", self.name, self.cfg.target,
+                         _size_text(fill.written), _size_text(fill.size),
+                         100 * fill.written // max(1, fill.size),
+                         extra={"AIOD_JOB": self.name})
+            return
+        self._fill = None
+        if fill.error is not None:
+            self._fail(fill.error, now)
+            return
+        log.info("job %s: created %s (%d bytes of data) in %.1fs", self.name, self.cfg.target,
+                 fill.size, (fill.finished_at or now) - fill.started_at,
+                 extra={"AIOD_JOB": self.name})
+        self._filled = True
+        self.start()
 
     def _build_ops(self) -> None:
         assert self.target is not None
@@ -134,7 +187,14 @@ class Job:
                 self._free[kind].append(op)
 
     def stop(self) -> None:
-        """No new submissions; in-flight ops complete and are accounted as usual."""
+        """No new submissions; in-flight ops complete and are accounted as usual.
+
+        A fill in progress is told to stop; its partial file is removed by its
+        worker (or, after a crash, by the next start).
+        """
+        if self._fill is not None:
+            self._fill.cancel()
+            self._fill = None
         if self.state is not JobState.STOPPED:
             self.state = JobState.STOPPING
         self.close_if_idle()
@@ -176,6 +236,8 @@ class Job:
         """Submit what is due now."""
         if self.state is JobState.ERROR and now >= self._retry_at:
             self.start()
+        if self.state is JobState.PREPARING:
+            self._poll_fill(now)
         if self.state is not JobState.RUNNING:
             return
         if self.cfg.type == "load" and now < self._pause_until:
@@ -275,6 +337,8 @@ class Job:
         """When pump next has something to do (None: only completions matter)."""
         if self.state is JobState.ERROR:
             return self._retry_at
+        if self.state is JobState.PREPARING:
+            return self._clock() + FILL_POLL_INTERVAL
         if self.state is not JobState.RUNNING:
             return None
         if self.cfg.type == "probe":
@@ -282,6 +346,13 @@ class Job:
         if self._pause_until > self._clock():
             return self._pause_until
         return None
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _kind(op: aio.Op) -> str:

@@ -28,6 +28,11 @@ from aiod import __version__
 from aiod.pool import LATENCY_BUCKETS, PoolSnapshot
 
 
+# The states aiod_job_state shows (jobs.JobState's values; listed here so the
+# collector does not depend on the jobs module).
+JOB_STATES = ("starting", "preparing", "running", "error", "stopping", "stopped")
+
+
 @dataclass
 class JobView:
     """What the collector needs of a job, copied by the I/O loop's owner."""
@@ -150,7 +155,12 @@ class AiodCollector:
                                  "Unix time of the job's last completed operation "
                                  "(0 before the first).", labels=["job"])
         up = GaugeMetricFamily("aiod_job_running", "1 when the job is doing I/O, 0 when its "
-                               "target is unusable or it is stopping.", labels=["job", "pool"])
+                               "target is unusable, being prepared, or it is stopping.",
+                               labels=["job", "pool"])
+        state = GaugeMetricFamily("aiod_job_state", "1 for the state the job is in: preparing "
+                                  "(its target is being created and filled), running, error "
+                                  "(target unusable, retried), stopping.",
+                                  labels=["job", "state"])
         errors = CounterMetricFamily("aiod_job_errors", "Job errors that are not an operation's "
                                      "own outcome (target missing, permission, full disk, "
                                      "refused write), by reason.", labels=["job", "reason"])
@@ -168,6 +178,8 @@ class AiodCollector:
         for j in jobs:
             last.add_metric([j.name], last_completion.get(j.name, 0.0))
             up.add_metric([j.name, j.pool], 1 if j.state == "running" else 0)
+            for st_name in JOB_STATES:
+                state.add_metric([j.name, st_name], 1 if j.state == st_name else 0)
             for reason, n in sorted(j.errors.items()):
                 errors.add_metric([j.name, reason], n)
             errors_any.add_metric([j.name], sum(j.errors.values()))
@@ -175,7 +187,7 @@ class AiodCollector:
             timeout.add_metric([j.name, j.pool], j.timeout)
             timeouts.add_metric([j.name], j.timeouts)
             skipped.add_metric([j.name], j.skipped)
-        yield from (last, up, errors, errors_any, job_info, timeout, timeouts, skipped)
+        yield from (last, up, state, errors, errors_any, job_info, timeout, timeouts, skipped)
 
         nr, max_nr = src.aio_usage()
         g = GaugeMetricFamily("aiod_kernel_aio_nr", "fs.aio-nr: AIO events allocated system-wide.")

@@ -11,6 +11,11 @@ file someone else made, is opened read-only unless the job says
 
 A file aiod creates is filled with real data: after fallocate alone, reads of
 unwritten extents never reach the device and a probe would measure nothing.
+The fill goes to a hidden partial file beside the target (``.NAME.aiod-fill``,
+marked with the ``user.aiod.fill`` attribute), is recorded as aiod's, and is
+linked into place only once complete: a fill cut short by a signal, a crash or
+a full disk never leaves a short file under the target's name, and the next
+start redoes it.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import json
 import os
 import secrets
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 OWNED_FILE = "owned-targets.json"
 TOKEN_XATTR = "user.aiod.token"
+FILL_XATTR = "user.aiod.fill"
+FILL_SUFFIX = ".aiod-fill"
 FILL_CHUNK = 1 << 20
 
 
@@ -43,11 +52,19 @@ def _reason(err: int) -> str:
             _errno.EIO: "io_error"}.get(err, "os_error")
 
 
+class FillCancelled(Exception):
+    """A fill stopped because its job was stopped; its partial file is gone."""
+
+
 class OwnedFiles:
-    """The set of files aiod created, persisted atomically in the state directory."""
+    """The set of files aiod created, persisted atomically in the state directory.
+
+    Fills record their files from worker threads: ``add`` is serialised.
+    """
 
     def __init__(self, state_directory: Path) -> None:
         self.path = state_directory / OWNED_FILE
+        self._lock = threading.Lock()
         self._entries: dict[str, tuple[int, int, str | None]] = {}
         try:
             data = json.loads(self.path.read_text())
@@ -68,16 +85,21 @@ class OwnedFiles:
         except OSError:
             return False
 
-    def add(self, path: Path, st: os.stat_result) -> None:
+    def add(self, path: Path, st: os.stat_result, fd: int | None = None) -> None:
+        """Record path (dev/ino of st) as aiod's; the token goes on fd when given."""
         token: str | None = secrets.token_hex(16)
         try:
-            os.setxattr(path, TOKEN_XATTR, token.encode())  # type: ignore[union-attr]
+            if fd is not None:
+                os.setxattr(fd, TOKEN_XATTR, token.encode())  # type: ignore[union-attr]
+            else:
+                os.setxattr(path, TOKEN_XATTR, token.encode())  # type: ignore[union-attr]
         except OSError:
             token = None
-        self._entries[str(path)] = (st.st_dev, st.st_ino, token)
-        doc = {"files": {p: {"dev": d, "ino": i, "token": t}
-                         for p, (d, i, t) in self._entries.items()}}
-        write_atomic(self.path, json.dumps(doc, indent=2) + "\n")
+        with self._lock:
+            self._entries[str(path)] = (st.st_dev, st.st_ino, token)
+            doc = {"files": {p: {"dev": d, "ino": i, "token": t}
+                             for p, (d, i, t) in self._entries.items()}}
+            write_atomic(self.path, json.dumps(doc, indent=2) + "\n")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -131,14 +153,7 @@ def create_filled(path: Path, size: int) -> None:
     except OSError as e:
         raise TargetError(_reason(e.errno or 0), f"cannot create {path}: {e.strerror}", e.errno) from e
     try:
-        left = size
-        while left > 0:
-            chunk = os.urandom(min(FILL_CHUNK, left))
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            left -= len(chunk)
+        _write_random(fd, size)
         os.fsync(fd)
     except OSError as e:
         os.close(fd)
@@ -149,6 +164,137 @@ def create_filled(path: Path, size: int) -> None:
         raise TargetError(_reason(e.errno or 0),
                           f"cannot fill {path} with {size} bytes: {e.strerror}", e.errno) from e
     os.close(fd)
+
+
+def _write_random(fd: int, size: int, progress: Callable[[int], None] | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> None:
+    left = size
+    while left > 0:
+        if cancelled is not None and cancelled():
+            raise FillCancelled()
+        chunk = os.urandom(min(FILL_CHUNK, left))
+        view = memoryview(chunk)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        left -= len(chunk)
+        if progress is not None:
+            progress(size - left)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a fill of path is written until it is complete."""
+    return path.with_name(f".{path.name}{FILL_SUFFIX}")
+
+
+def _is_our_partial(partial: Path, st: os.stat_result) -> bool:
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        return os.getxattr(partial, FILL_XATTR) == b"1"
+    except OSError:
+        # No xattrs on this filesystem: the name alone says it is aiod's.
+        return st.st_uid == os.geteuid()
+
+
+def remove_stale_partial(path: Path) -> None:
+    """Remove a partial file an interrupted fill left beside path (when it is aiod's)."""
+    partial = partial_path(path)
+    try:
+        st = os.lstat(partial)
+    except OSError:
+        return
+    if _is_our_partial(partial, st):
+        try:
+            os.unlink(partial)
+        except FileNotFoundError:
+            pass
+
+
+def fill_target(path: Path, size: int, owned: OwnedFiles | None, *,
+                progress: Callable[[int], None] | None = None,
+                cancelled: Callable[[], bool] | None = None) -> None:
+    """Create path holding size bytes of random data, recorded as aiod's.
+
+    Written to the partial file, then linked to path only when complete and
+    synced, so path is either missing or whole. A partial file from an
+    interrupted fill is removed and the fill redone. May take minutes on a
+    large target: call it from a worker, never from the I/O loop. Raises
+    TargetError, or FillCancelled when ``cancelled()`` turns true.
+    """
+    partial = partial_path(path)
+    try:
+        st = os.lstat(partial)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise TargetError(_reason(e.errno or 0), f"cannot stat {partial}: {e.strerror}",
+                          e.errno) from e
+    else:
+        if not _is_our_partial(partial, st):
+            raise TargetError("partial_foreign", f"cannot create {path}: {partial} exists and "
+                              "aiod did not create it; remove it")
+        os.unlink(partial)  # an interrupted fill: redo it from the start
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        raise TargetError(_reason(e.errno or 0), f"cannot create {partial}: {e.strerror}",
+                          e.errno) from e
+    linked = False
+    try:
+        try:
+            os.setxattr(fd, FILL_XATTR, b"1")
+        except OSError:
+            pass
+        _write_random(fd, size, progress, cancelled)
+        os.fsync(fd)
+        if owned is not None:
+            # Recorded before it appears under its name: a crash between the two
+            # leaves a partial file (redone), never an unowned target.
+            try:
+                owned.add(path, os.fstat(fd), fd=fd)
+            except OSError as e:
+                raise TargetError(_reason(e.errno or 0), f"cannot record {path} as aiod's own "
+                                  f"in {owned.path}: {e.strerror}; not creating it",
+                                  e.errno) from e
+        try:
+            os.link(partial, path)  # unlike rename, never replaces a file made meanwhile
+        except FileExistsError:
+            raise TargetError("exists", f"cannot create {path}: a file appeared there while "
+                              "aiod was filling it; left as it is", _errno.EEXIST) from None
+        linked = True
+        os.unlink(partial)
+        _fsync_dir(path.parent)
+    except TargetError:
+        if not linked:
+            _unlink_quietly(partial)
+        raise
+    except OSError as e:
+        if not linked:
+            _unlink_quietly(partial)
+        raise TargetError(_reason(e.errno or 0),
+                          f"cannot fill {path} with {size} bytes: {e.strerror}", e.errno) from e
+    except BaseException:
+        if not linked:
+            _unlink_quietly(partial)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _stat_existing(path: Path) -> os.stat_result | None:
@@ -164,23 +310,27 @@ def _stat_existing(path: Path) -> os.stat_result | None:
         raise TargetError(_reason(e.errno or 0), f"cannot stat {path}: {e.strerror}", e.errno) from e
 
 
+def target_missing(path: Path) -> bool:
+    """True when path does not exist and may be created. Raises TargetError."""
+    return _stat_existing(path) is None
+
+
 def open_target(path: Path, *, size: int, block_size: int, direct: bool,
-                needs_write: bool, allow_write: bool, owned: OwnedFiles | None) -> OpenTarget:
-    """Create (when missing) and open a job's target. Raises TargetError."""
-    created = False
+                needs_write: bool, allow_write: bool, owned: OwnedFiles | None,
+                filled: bool = False) -> OpenTarget:
+    """Open a job's target, creating it first when missing. Raises TargetError.
+
+    Creating blocks for as long as the fill takes: jobs fill in the
+    background and pass ``filled=True`` once their fill put the file there.
+    """
+    created = filled
     existing = _stat_existing(path)
     if existing is not None:
         st = existing
     else:
-        create_filled(path, size)
+        fill_target(path, size, owned)
         created = True
         st = os.stat(path)
-        if owned is not None:
-            try:
-                owned.add(path, st)
-            except OSError as e:
-                raise TargetError(_reason(e.errno or 0),
-                                  f"cannot record {path} as aiod's own: {e.strerror}", e.errno) from e
     is_block = stat.S_ISBLK(st.st_mode)
     if not is_block and not stat.S_ISREG(st.st_mode):
         raise TargetError("not_a_file", f"{path} is neither a regular file nor a block device")

@@ -55,7 +55,9 @@ def test_ready_only_once_metrics_are_bound_and_status_is_readable(
     # Metrics answer as soon as READY=1 has been sent: the socket was bound before.
     assert d.get("/metrics")[0] == 200
     status = [ln for ln in ready_msg.split("\n") if ln.startswith("STATUS=")]
-    assert status and "1 pool (2 contexts)" in status[0] and "1/1 jobs running" in status[0]
+    # READY=1 does not wait for the job's target to be filled: running or preparing.
+    assert status and "1 pool (2 contexts)" in status[0] and (
+        "1/1 jobs running" in status[0] or "1 preparing their targets" in status[0])
     assert d.get("/healthz")[0] == 200 and d.get("/readyz")[0] == 200
     assert d.stop() == 0
     msgs = d.notify.messages
@@ -261,6 +263,8 @@ def test_reads_of_a_file_aiod_did_not_create_are_fine(daemons: list[Aiod], tmp_p
 
 def test_created_target_holds_real_data(daemons: list[Aiod], tmp_path: Path) -> None:
     d = start(daemons, tmp_path, base_config())
+    d.wait_until(lambda: d.metric_sum("aiod_job_running", job="probe") == 1,
+                 what="the target's fill to finish")
     data = (d.state / "probe.dat").read_bytes()
     assert len(data) == 4 << 20
     assert data.count(b"\0" * 4096) == 0  # not a sparse or zero-filled file

@@ -140,6 +140,10 @@ def test_a_pool_whose_reads_hang_is_shrunk_and_removed_while_the_loop_keeps_turn
     assert d.notify is not None
     d.wait_until(lambda: d.metric_sum("aiod_ops_in_flight", pool="hung") == 8,
                  what="8 hung reads in flight")
+    # READY=1 does not wait for the probe's target to be filled: measure gaps
+    # from its first completion on.
+    d.wait_until(lambda: d.metric_sum("aiod_job_last_completion_timestamp_seconds",
+                                      job="probe") > 0, what="the probe's first completion")
 
     worst_gap = worst_ping_gap = 0.0
     health: set[int] = set()

@@ -22,6 +22,7 @@ def test_an_op_the_full_pool_refused_is_skipped_not_hung(tmp_path: Path,
                                                         pipe: tuple[int, int]) -> None:
     r, _ = pipe
     pool = Pool("p", 1, 1)
+    (tmp_path / "t.dat").write_bytes(os.urandom(1 << 20))
     try:
         assert pool.submit([aio.poll(r)], job="holder") == []  # the only slot, forever
         job = Job(probe(tmp_path / "t.dat", timeout=0.01), pool, owned=None)
@@ -68,6 +69,7 @@ def test_a_job_deeper_than_vm_max_map_count_maps_its_buffers_in_slabs(tmp_path: 
     cfg = JobConfig(name="deep", pool="p", type="load", target=tmp_path / "deep.dat",
                     size=1 << 20, op="randread", block_size=4096, direct=True, rate=1.0,
                     iodepth=70_000, timeout=5.0, allow_write=False)
+    (tmp_path / "deep.dat").write_bytes(os.urandom(1 << 20))  # start() fills missing ones later
     pool = Pool("p", 1, 1)
     job = Job(cfg, pool, owned=None)
     before = _mappings()
