@@ -26,13 +26,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from aiod import __version__, aio, config as config_mod, logs
 from aiod.budget import Budget
 from aiod.config import Config, ConfigError, JobConfig
 from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
-from aiod.jobs import Job, JobState
+from aiod.jobs import Job, JobResourceError, JobState
 from aiod.lifecycle import ContextState
 from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
 from aiod.notify import Notifier
@@ -156,11 +156,17 @@ class Daemon:
             self._destroy_pools_now()
             raise StartupError(f"cannot listen for metrics on {self.cfg.metrics.host}:"
                                f"{self.cfg.metrics.port}: {e.strerror}", EXIT_FAILURE) from e
+        owned = self._owned(self.cfg.state_directory)
+        try:
+            prepared = self._prepare_jobs(self.cfg.jobs, self.pools, owned)
+        except StartupError:
+            self.metrics.close()
+            self._destroy_pools_now()
+            raise
         self.metrics.start()
         self.budget.attach(self.pools, self._all_pools)
-        owned = self._owned(self.cfg.state_directory)
-        for jc in self.cfg.jobs:
-            self._start_job(jc, owned)
+        for job in prepared.values():
+            self._start_job(job)
         self._reload_ts = self._reload_attempt_ts = self.wall()
         self.phase = Phase.SERVING
         log.info("aiod %s serving: %s; metrics on %s", __version__, self._summary(),
@@ -238,11 +244,23 @@ class Daemon:
             self._owned_files = OwnedFiles(state_dir)
         return self._owned_files
 
-    def _start_job(self, jc: JobConfig, owned: OwnedFiles | None) -> Job:
-        job = Job(jc, self.pools[jc.pool], owned, clock=self.clock)
+    def _prepare_jobs(self, jcs: Iterable[JobConfig], pools: Mapping[str, Pool],
+                      owned: OwnedFiles | None) -> dict[str, Job]:
+        """Jobs built with their buffers allocated, not yet started. Raises StartupError."""
+        prepared: dict[str, Job] = {}
+        for jc in jcs:
+            job = Job(jc, pools[jc.pool], owned, clock=self.clock)
+            try:
+                job.allocate()
+            except JobResourceError as e:
+                raise StartupError(str(e), EXIT_FAILURE) from None
+            prepared[jc.name] = job
+        return prepared
+
+    def _start_job(self, job: Job) -> Job:
         job.start()
         with self._state_lock:
-            self.jobs[jc.name] = job
+            self.jobs[job.name] = job
         return job
 
     # ============================================================== main loop
@@ -393,6 +411,11 @@ class Daemon:
         released = False  # the running metrics server was closed to make room for server
         replaced = {n for n, pc in new_pools.items()
                     if n in old_pools and pc.nr_events != old_pools[n].nr_events}
+        new_jobs = {j.name: j for j in new.jobs}
+        starting = [jc for name, jc in new_jobs.items()
+                    if name not in self.jobs or jc != self.jobs[name].cfg or jc.pool in replaced]
+        self._prepare_state_directory(new.state_directory)
+        owned = self._owned(new.state_directory)
         try:
             for name, pc in new_pools.items():
                 if name not in self.pools or name in replaced:
@@ -401,6 +424,9 @@ class Daemon:
                     pool = self.pools[name]
                     grown.append((pool, pool.size))
                     pool.resize(self.budget.wanted_size(pc, new))
+            # Buffers are the biggest allocation, and jobs need their pools; before
+            # the metrics move, which may have to release the running socket.
+            prepared = self._prepare_jobs(starting, {**self.pools, **created}, owned)
             if (new.metrics.host, new.metrics.port) != (old.metrics.host, old.metrics.port):
                 server, released = self._rebind_metrics(old, new)
         except BaseException:
@@ -415,8 +441,6 @@ class Daemon:
             raise
         # ---- commit: nothing below can fail for lack of resources
         logs.setup(new.log_level, env=self.env)
-        self._prepare_state_directory(new.state_directory)
-        owned = self._owned(new.state_directory)
         if server is not None:
             assert self.metrics is not None
             if not released:
@@ -424,7 +448,6 @@ class Daemon:
             server.start()
             self.metrics = server
             log.info("metrics now on %s", server.url)
-        new_jobs = {j.name: j for j in new.jobs}
         for name, job in list(self.jobs.items()):
             jc = new_jobs.get(name)
             if jc is None or jc != job.cfg or jc.pool in replaced or jc.pool not in new_pools:
@@ -448,9 +471,8 @@ class Daemon:
                          extra={"AIOD_POOL": name})
         self.cfg = new
         self.budget.configure(new)
-        for name, jc in new_jobs.items():
-            if name not in self.jobs:
-                self._start_job(jc, owned)
+        for job in prepared.values():
+            self._start_job(job)
 
     def _stop_job(self, job: Job) -> None:
         job.stop()

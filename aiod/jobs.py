@@ -43,6 +43,10 @@ FILL_POLL_INTERVAL = 0.25      # how often pump looks at a fill in progress
 FILL_PROGRESS_INTERVAL = 5.0   # seconds between progress lines of a fill
 
 
+class JobResourceError(Exception):
+    """A job's buffers cannot be allocated; the message is one line for operators."""
+
+
 class JobState(str, enum.Enum):
     STARTING = "starting"
     PREPARING = "preparing"  # its target is being created and filled on a worker
@@ -92,7 +96,35 @@ class Job:
                  "randwrite": ("write",), "randrw": ("read", "write"),
                  "fsync": ("fsync",), "poll": ("poll",)}[cfg.op]
         self._kinds = kinds
-        pool.register(self.name, kinds)
+        self._buffers: dict[str, list[aio.Buffer]] | None = None
+
+    def allocate(self) -> None:
+        """Allocate the job's I/O buffers: the one part of starting that can fail
+        for lack of memory, done before a reload commits to anything.
+
+        Raises JobResourceError (and keeps nothing) when they cannot be had.
+        """
+        if self._buffers is not None:
+            return
+        bs, depth = self.cfg.block_size, max(1, self.cfg.iodepth)
+        buffers: dict[str, list[aio.Buffer]] = {}
+        try:
+            for kind in self._kinds:
+                if kind not in ("read", "write"):
+                    continue
+                # One slab per kind, not a mapping per buffer (vm.max_map_count).
+                bufs = buffers[kind] = aio.aligned_buffers(depth, bs)
+                if kind == "write":
+                    for buf in bufs:
+                        buf.view[:] = self._rng.randbytes(bs)
+        except (OSError, MemoryError, OverflowError, ValueError) as e:
+            buffers.clear()
+            n = depth * sum(1 for k in self._kinds if k in ("read", "write"))
+            why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or
+                                                                            type(e).__name__)
+            raise JobResourceError(f"job {self.name}: cannot allocate its I/O buffers "
+                                   f"({n} x {_size_text(bs)}): {why}") from None
+        self._buffers = buffers
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> bool:
@@ -102,6 +134,8 @@ class Job:
         PREPARING until pump sees the fill done. False on error or while preparing.
         """
         now = self._clock()
+        self.allocate()
+        self.pool.register(self.name, self._kinds)  # its series exist from the first start
         try:
             if self.cfg.op == "poll":
                 self.target = open_fifo(self.cfg.target)
@@ -164,20 +198,21 @@ class Job:
         self.start()
 
     def _build_ops(self) -> None:
-        assert self.target is not None
-        fd, bs = self.target.fd, self.cfg.block_size
-        self._nblocks = max(1, self.target.size // bs) if self.target.size else 1
+        """The job's ops on its open target, over the buffers allocate() made."""
+        assert self.target is not None and self._buffers is not None
+        assert self.in_flight == 0
+        fd = self.target.fd
+        self._nblocks = max(1, self.target.size // self.cfg.block_size) if self.target.size else 1
         depth = max(1, self.cfg.iodepth)
+        self._ops = []
+        self._free = {k: [] for k in self._free}
+        self._flagged.clear()
         for kind in self._kinds:
-            # One slab per kind, not a mapping per buffer (vm.max_map_count).
-            bufs = aio.aligned_buffers(depth, bs) if kind in ("read", "write") else []
             for i in range(depth):
                 if kind == "read":
-                    op = aio.read(fd, bufs[i], 0)
+                    op = aio.read(fd, self._buffers["read"][i], 0)
                 elif kind == "write":
-                    buf = bufs[i]
-                    buf.view[:] = self._rng.randbytes(bs)
-                    op = aio.write(fd, buf, 0)
+                    op = aio.write(fd, self._buffers["write"][i], 0)
                 elif kind == "poll":
                     op = aio.poll(fd, select.POLLIN)
                 else:

@@ -6,7 +6,9 @@ The daemon's clock is injected, so a 10 s retry is a jump of the clock, not a
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -134,3 +136,78 @@ def test_removing_a_recovered_job_drops_its_series_and_closes_its_target(
     assert all(st.job != "late" for s in d.pool_snapshots() for st in s.stats)
     assert "late" not in [v.name for v in d.job_views()]
     assert open_fds_to(target) == 0
+
+
+def probe_job(target: Path, rate: str) -> dict[str, Any]:
+    return {"name": "probe", "pool": "p", "type": "probe", "target": str(target),
+            "size": "1MiB", "op": "randread", "block_size": "4KiB", "direct": False,
+            "rate": rate}
+
+
+def huge_job(tmp: Path) -> dict[str, Any]:
+    """A job needing 4 GiB of buffers, on a sparse file: within this machine's
+    memory (check-config accepts it), beyond what the process may map when its
+    address space is limited (memory_limited)."""
+    sparse = tmp / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(8 << 30)
+    return {"name": "huge", "pool": "p", "type": "probe", "target": str(sparse),
+            "size": "8GiB", "op": "randread", "block_size": "4GiB", "direct": False,
+            "rate": "1/s"}
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize")
+
+
+@contextlib.contextmanager
+def memory_limited(extra: int = 1 << 30) -> Iterator[None]:
+    """RLIMIT_AS at what the process maps now plus extra: a real ENOMEM for
+    anything bigger, the way a memory-starved machine answers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_reload_that_cannot_allocate_a_job_changes_nothing(
+        daemon_at: Callable[..., tuple[Daemon, Clock]], tmp_path: Path) -> None:
+    (tmp_path / "p.dat").write_bytes(os.urandom(1 << 20))
+    d, _ = daemon_at([probe_job(tmp_path / "p.dat", "20/s")])
+    old_cfg, old_probe = d.cfg, d.jobs["probe"]
+    turn_until(d, lambda: completed(d, "probe") > 2)
+    write_config(tmp_path, [probe_job(tmp_path / "p.dat", "40/s"), huge_job(tmp_path)])
+    with memory_limited():
+        assert not d.reload()
+    assert d.cfg is old_cfg
+    assert d.jobs["probe"] is old_probe and old_probe.cfg.rate == 20.0
+    assert old_probe.state is JobState.RUNNING
+    assert "huge" not in d.jobs
+    assert all(st.job != "huge" for s in d.pool_snapshots() for st in s.stats)
+    assert d.reload_status()[0] is False
+    before = completed(d, "probe")
+    turn_until(d, lambda: completed(d, "probe") > before)  # still running
+
+
+def test_a_job_that_cannot_be_allocated_at_startup_is_one_line_and_exit_1(
+        tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.daemon_harness import AIOD, ROOT
+    path = write_config(tmp_path, [huge_job(tmp_path)])
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    env["PYTHONPATH"] = str(ROOT)
+    limit = 2 << 30  # room for Python and aiod, not for 4 GiB of buffers
+    r = subprocess.run(AIOD + ["run", "--config", str(path)], capture_output=True, text=True,
+                       env=env, timeout=60, preexec_fn=lambda: resource.setrlimit(
+                           resource.RLIMIT_AS, (limit, limit)))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "huge" in ln and "buffer" in ln]
+    assert len(errors) == 1, r.stderr
