@@ -211,3 +211,19 @@ def test_a_job_that_cannot_be_allocated_at_startup_is_one_line_and_exit_1(
     assert "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if "huge" in ln and "buffer" in ln]
     assert len(errors) == 1, r.stderr
+
+
+def test_a_damaged_ownership_record_neither_crashes_startup_nor_refuses_aiods_files(
+        daemon_at: Callable[..., tuple[Daemon, Clock]], tmp_path: Path) -> None:
+    from aiod.targets import OWNED_FILE, OwnedFiles, fill_target
+    state = tmp_path / "state"
+    state.mkdir()
+    target = tmp_path / "w.dat"
+    fill_target(target, 1 << 20, OwnedFiles(state))
+    record = state / OWNED_FILE
+    record.write_text(record.read_text().replace('"dev": ', '"dev": 1e999, "x": ', 1))
+    d, _ = daemon_at([load_job(target, name="w", op="randwrite", size="1MiB")])
+    turn_until(d, lambda: completed(d, "w") > 20)
+    assert d.jobs["w"].errors == {}
+    assert any(p.name.startswith(OWNED_FILE + ".corrupt-") for p in state.iterdir())
+    assert d.reload()
