@@ -27,6 +27,7 @@ from typing import Callable
 from aiod import aio
 from aiod.config import JobConfig, WRITE_OPS
 from aiod.fill import Fill
+from aiod.logs import LogLimiter
 from aiod.pool import OpTag, Outcome, Pool, PoolClosed
 from aiod.targets import (OpenTarget, OwnedFiles, TargetError, open_fifo, open_target,
                           remove_stale_partial, target_missing)
@@ -39,6 +40,8 @@ RETRY_INTERVAL = 10.0  # seconds between attempts to open a target that failed
 FAILURE_BACKOFF_MIN = 0.05
 FAILURE_BACKOFF_MAX = 5.0
 TIMEOUT_CHECK_INTERVAL = 0.25
+LOG_INTERVAL = 10.0  # a job logs at most LOG_BURST lines of one kind per interval
+LOG_BURST = 3
 FILL_POLL_INTERVAL = 0.25      # how often pump looks at a fill in progress
 FILL_PROGRESS_INTERVAL = 5.0   # seconds between progress lines of a fill
 
@@ -80,7 +83,10 @@ class Job:
         self._nblocks = 0
         self._flagged: set[int] = set()
         self._next_timeout_check = 0.0
-        self._last_errno_logged: dict[int, float] = {}
+        # Repeated lines (hung I/O, failing ops, short reads): a few per
+        # interval, then a count of the rest.
+        self._limiter = LogLimiter(log, interval=LOG_INTERVAL, burst=LOG_BURST, clock=clock)
+        self._next_log_flush = 0.0
         self._pause_until = 0.0
         self._backoff = 0.0
         self._fill: Fill | None = None
@@ -230,6 +236,7 @@ class Job:
         if self._fill is not None:
             self._fill.cancel()
             self._fill = None
+        self._limiter.flush(everything=True)
         if self.state is not JobState.STOPPED:
             self.state = JobState.STOPPING
         self.close_if_idle()
@@ -269,6 +276,9 @@ class Job:
 
     def pump(self, now: float) -> None:
         """Submit what is due now."""
+        if now >= self._next_log_flush:
+            self._next_log_flush = now + 1.0
+            self._limiter.flush()
         if self.state is JobState.ERROR and now >= self._retry_at:
             self.start()
         if self.state is JobState.PREPARING:
@@ -336,13 +346,12 @@ class Job:
         now = self._clock()
         self._backoff = min(FAILURE_BACKOFF_MAX, max(FAILURE_BACKOFF_MIN, self._backoff * 2))
         self._pause_until = now + self._backoff
-        last = self._last_errno_logged.get(err)
-        if last is None or now - last >= 60.0:  # one line per errno per minute
-            self._last_errno_logged[err] = now
-            log.error("job %s: %s on %s failed: %s", self.name, op.name,
-                      self.cfg.target, os.strerror(err),
-                      extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
-                             "AIOD_TARGET": str(self.cfg.target), "ERRNO": err})
+        self._limiter.log(("failed", err), logging.ERROR,
+                          f"'{os.strerror(err)}' errors for job {self.name}",
+                          "job %s: %s on %s failed: %s", self.name, op.name,
+                          self.cfg.target, os.strerror(err),
+                          extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
+                                 "AIOD_TARGET": str(self.cfg.target), "ERRNO": err})
 
     def _check_timeouts(self, now: float) -> None:
         """Flag (once) each op in flight longer than the job's timeout: hung I/O."""
@@ -359,11 +368,14 @@ class Job:
             if now_ns - op.tag.submitted_ns > limit_ns:
                 self._flagged.add(id(op))
                 self.timeouts += 1
-                log.warning("job %s: %s on %s has been in flight for more than %gs "
-                            "(hung I/O?)", self.name, op.name, self.cfg.target,
-                            self.cfg.timeout,
-                            extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
-                                   "AIOD_TARGET": str(self.cfg.target)})
+                self._limiter.log("timeout", logging.WARNING,
+                                  f"'hung I/O' warnings for job {self.name} "
+                                  f"(aiod_job_op_timeouts_total counts every one)",
+                                  "job %s: %s on %s has been in flight for more than %gs "
+                                  "(hung I/O?)", self.name, op.name, self.cfg.target,
+                                  self.cfg.timeout,
+                                  extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
+                                         "AIOD_TARGET": str(self.cfg.target)})
 
     def _count_error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Mapping, TextIO
+from typing import Callable, Hashable, Mapping, TextIO
 
 FIELDS = ("AIOD_POOL", "AIOD_JOB", "AIOD_CONTEXT", "AIOD_TARGET", "ERRNO")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
@@ -53,3 +53,67 @@ def setup(level: str = "info", env: Mapping[str, str] | None = None,
     logger.addHandler(handler)
     logger._aiod_configured = True  # type: ignore[attr-defined]
     return logger
+
+
+class _Window:
+    __slots__ = ("start", "count", "suppressed", "level", "what", "extra")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.count = 0
+        self.suppressed = 0
+        self.level = logging.INFO
+        self.what = ""
+        self.extra: Mapping[str, object] | None = None
+
+
+class LogLimiter:
+    """Repeated messages of one kind: at most ``burst`` lines per ``interval``.
+
+    The rest are counted, and a line says how many were suppressed once the
+    interval is over (at the next message of that kind or at the next
+    ``flush``, whichever comes first): a flood of hung-I/O warnings becomes a
+    few lines and a count, and nothing is hidden without saying so.
+    """
+
+    def __init__(self, logger: logging.Logger, *, interval: float = 10.0, burst: int = 3,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+        self._log = logger
+        self.interval = interval
+        self.burst = burst
+        self._clock = clock or time.monotonic
+        self._windows: dict[Hashable, _Window] = {}
+
+    def log(self, key: Hashable, level: int, what: str, msg: str, *args: object,
+            extra: Mapping[str, object] | None = None) -> bool:
+        """Log msg unless key is over its burst. ``what`` names the kind in the
+        suppression line ("'hung I/O' warnings for job x"). True when logged."""
+        now = self._clock()
+        w = self._windows.get(key)
+        if w is not None and now - w.start >= self.interval:
+            self._summarise(w, now)
+            w = None
+        if w is None:
+            w = self._windows[key] = _Window(now)
+        w.level, w.what, w.extra = level, what, extra
+        if w.count < self.burst:
+            w.count += 1
+            self._log.log(level, msg, *args, extra=extra)
+            return True
+        w.suppressed += 1
+        return False
+
+    def flush(self, everything: bool = False) -> None:
+        """Report the suppressed counts of every interval that is over (of all
+        of them with ``everything``: the job is stopping)."""
+        now = self._clock()
+        for key, w in list(self._windows.items()):
+            if everything or now - w.start >= self.interval:
+                self._summarise(w, now)
+                del self._windows[key]
+
+    def _summarise(self, w: _Window, now: float) -> None:
+        if w.suppressed:
+            self._log.log(w.level, "%d more %s suppressed in the last %.0fs", w.suppressed,
+                          w.what, now - w.start, extra=w.extra)

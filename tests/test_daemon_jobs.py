@@ -227,3 +227,25 @@ def test_a_damaged_ownership_record_neither_crashes_startup_nor_refuses_aiods_fi
     assert d.jobs["w"].errors == {}
     assert any(p.name.startswith(OWNED_FILE + ".corrupt-") for p in state.iterdir())
     assert d.reload()
+
+
+def test_a_flood_of_hung_io_warnings_is_rate_limited_and_counted(
+        daemon_at: Callable[..., tuple[Daemon, Clock]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import re
+    fifo = tmp_path / "hold.fifo"
+    d, clock = daemon_at([{"name": "hold", "pool": "p", "type": "load", "target": str(fifo),
+                           "op": "poll", "iodepth": 32, "timeout": "100us"}])
+    job = d.jobs["hold"]
+    with caplog.at_level(logging.WARNING, logger="aiod.jobs"):
+        turn_until(d, lambda: job.timeouts >= 32)
+        warned = [r for r in caplog.records if "hung I/O" in r.getMessage()]
+        assert 1 <= len(warned) <= 3, "one line per hung op: a flood"
+        clock.offset += 60
+        turn(d, 2)
+    summaries = [m for m in (r.getMessage() for r in caplog.records) if "suppressed" in m]
+    assert len(summaries) == 1, caplog.text
+    m = re.search(r"(\d+) more", summaries[0])
+    assert m and int(m.group(1)) == job.timeouts - len(warned)
+    assert "hold" in summaries[0]
