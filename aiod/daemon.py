@@ -471,6 +471,8 @@ class Daemon:
                          extra={"AIOD_POOL": name})
         self.cfg = new
         self.budget.configure(new)
+        for job in self.jobs.values():
+            job.check_target_soon()  # a SIGHUP also asks: is each path still the job's file?
         for job in prepared.values():
             self._start_job(job)
 

@@ -29,8 +29,8 @@ from aiod.config import JobConfig, WRITE_OPS
 from aiod.fill import Fill
 from aiod.logs import LogLimiter
 from aiod.pool import OpTag, Outcome, Pool, PoolClosed
-from aiod.targets import (OpenTarget, OwnedFiles, TargetError, open_fifo, open_target,
-                          remove_stale_partial, target_missing)
+from aiod.targets import (OpenTarget, OwnedFiles, TargetCheck, TargetError, open_fifo,
+                          open_target, remove_stale_partial, target_missing)
 
 log = logging.getLogger("aiod.jobs")
 
@@ -42,6 +42,7 @@ FAILURE_BACKOFF_MAX = 5.0
 TIMEOUT_CHECK_INTERVAL = 0.25
 LOG_INTERVAL = 10.0  # a job logs at most LOG_BURST lines of one kind per interval
 LOG_BURST = 3
+CHECK_INTERVAL = 5.0  # how often a running job checks that its path is still its file
 FILL_POLL_INTERVAL = 0.25      # how often pump looks at a fill in progress
 FILL_PROGRESS_INTERVAL = 5.0   # seconds between progress lines of a fill
 
@@ -54,6 +55,7 @@ class JobState(str, enum.Enum):
     STARTING = "starting"
     PREPARING = "preparing"  # its target is being created and filled on a worker
     RUNNING = "running"
+    REOPENING = "reopening"  # its target changed: waiting for its ops, then opening again
     ERROR = "error"        # target unusable; retried every RETRY_INTERVAL
     STOPPING = "stopping"  # no new submissions; waiting for in-flight ops
     STOPPED = "stopped"
@@ -92,6 +94,9 @@ class Job:
         self._fill: Fill | None = None
         self._filled = False  # our own fill just put the target there
         self._next_fill_log = 0.0
+        self._check: TargetCheck | None = None
+        self._next_check = 0.0
+        self._reopen_because = ""
         # Counters read by the metrics collector (plain ints: written by the
         # I/O loop only, read as whole values by the scrape thread).
         self.errors: dict[str, int] = {}
@@ -163,6 +168,7 @@ class Job:
         self._build_ops()
         self.state = JobState.RUNNING
         self._next_due = now
+        self._next_check = now + CHECK_INTERVAL
         return True
 
     def _fail(self, e: TargetError, now: float) -> None:
@@ -202,6 +208,41 @@ class Job:
                  extra={"AIOD_JOB": self.name})
         self._filled = True
         self.start()
+
+    # ------------------------------------------- is the path still our file?
+    def check_target_soon(self) -> None:
+        """Check the target's identity at the next pump (SIGHUP asks for this)."""
+        self._next_check = 0.0
+
+    def _poll_check(self, now: float) -> None:
+        if self.target is None or self.cfg.op == "poll":
+            return
+        if self._check is None:
+            if now >= self._next_check:
+                self._check = TargetCheck(self.target, self.name)
+            return
+        if not self._check.done:
+            return  # stat may hang on a dead filesystem; the loop never waits for it
+        change, self._check = self._check.change, None
+        self._next_check = now + CHECK_INTERVAL
+        if change is not None:
+            self.state = JobState.REOPENING
+            self._reopen_because = change
+            log.warning("job %s: %s %s under the running job; opening it again once the "
+                        "%d operations in flight are done", self.name, self.cfg.target, change,
+                        self.in_flight, extra={"AIOD_JOB": self.name,
+                                               "AIOD_TARGET": str(self.cfg.target)})
+
+    def _reopen(self) -> None:
+        """No op in flight on the old file: close it and start over on the path."""
+        if self.target is not None:
+            self.target.close()
+            self.target = None
+        self._ops = []
+        self._free = {k: [] for k in self._free}
+        if self.start():
+            log.info("job %s: reopened %s", self.name, self.cfg.target,
+                     extra={"AIOD_JOB": self.name, "AIOD_TARGET": str(self.cfg.target)})
 
     def _build_ops(self) -> None:
         """The job's ops on its open target, over the buffers allocate() made."""
@@ -283,6 +324,10 @@ class Job:
             self.start()
         if self.state is JobState.PREPARING:
             self._poll_fill(now)
+        if self.state is JobState.RUNNING:
+            self._poll_check(now)
+        if self.state is JobState.REOPENING and self.in_flight == 0:
+            self._reopen()
         if self.state is not JobState.RUNNING:
             return
         if self.cfg.type == "load" and now < self._pause_until:
@@ -337,9 +382,30 @@ class Job:
             self._note_failure(op)
         else:
             self._backoff = 0.0
+            if op.tag is not None and op.tag.outcome is Outcome.COMPLETED:
+                self._check_length(op)
         self._release(op)
         if self.state is JobState.STOPPING:
             self.close_if_idle()
+
+    def _check_length(self, op: aio.Op) -> None:
+        """A read or write that moved fewer bytes than asked is an error, not a fast op:
+        the file is shorter than when the job opened it."""
+        code = op.opcode
+        if code not in (aio.IOCB_CMD_PREAD, aio.IOCB_CMD_PWRITE):
+            return
+        want = int(op.iocb.aio_nbytes)
+        if op.res is None or op.res >= want:
+            return
+        kind = "read" if code == aio.IOCB_CMD_PREAD else "write"
+        self._count_error(f"short_{kind}")
+        self.check_target_soon()
+        self._limiter.log(f"short_{kind}", logging.ERROR, f"short-{kind} errors for job "
+                          f"{self.name}", "job %s: %s at offset %d of %s moved %d of %d bytes "
+                          "(short %s): the file is shorter than when the job opened it",
+                          self.name, op.name, op.offset, self.cfg.target, op.res, want, kind,
+                          extra={"AIOD_JOB": self.name, "AIOD_POOL": self.pool.name,
+                                 "AIOD_TARGET": str(self.cfg.target)})
 
     def _note_failure(self, op: aio.Op) -> None:
         err = op.tag.errno if op.tag is not None else 0
@@ -384,12 +450,14 @@ class Job:
         """When pump next has something to do (None: only completions matter)."""
         if self.state is JobState.ERROR:
             return self._retry_at
-        if self.state is JobState.PREPARING:
+        if self.state in (JobState.PREPARING, JobState.REOPENING):
             return self._clock() + FILL_POLL_INTERVAL
         if self.state is not JobState.RUNNING:
             return None
+        if self._check is not None:
+            return self._clock() + FILL_POLL_INTERVAL
         if self.cfg.type == "probe":
-            return self._next_due
+            return min(self._next_due, self._next_check)
         if self._pause_until > self._clock():
             return self._pause_until
         return None

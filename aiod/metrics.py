@@ -30,7 +30,8 @@ from aiod.pool import LATENCY_BUCKETS, PoolSnapshot
 
 # The states aiod_job_state shows (jobs.JobState's values; listed here so the
 # collector does not depend on the jobs module).
-JOB_STATES = ("starting", "preparing", "running", "error", "stopping", "stopped")
+JOB_STATES = ("starting", "preparing", "running", "reopening", "error", "stopping",
+              "stopped")
 
 
 @dataclass
@@ -158,7 +159,8 @@ class AiodCollector:
                                "target is unusable, being prepared, or it is stopping.",
                                labels=["job", "pool"])
         state = GaugeMetricFamily("aiod_job_state", "1 for the state the job is in: preparing "
-                                  "(its target is being created and filled), running, error "
+                                  "(its target is being created and filled), running, reopening (its target "
+                                  "changed under it), error "
                                   "(target unusable, retried), stopping.",
                                   labels=["job", "state"])
         errors = CounterMetricFamily("aiod_job_errors", "Job errors that are not an operation's "

@@ -440,6 +440,47 @@ def open_target(path: Path, *, size: int, block_size: int, direct: bool,
                       writable=writable, created=created)
 
 
+def target_change(t: OpenTarget) -> str | None:
+    """How the file at t.path differs from the one t has open, or None when it is
+    the same. Calls stat, which can hang on a dead filesystem: run it on a worker."""
+    try:
+        st = os.stat(t.path)
+    except FileNotFoundError:
+        return "was deleted" if not os.path.islink(t.path) else "was replaced by a dangling symlink"
+    except OSError:
+        return None  # cannot tell (permission, I/O error): keep going, the ops will say
+    try:
+        fst = os.fstat(t.fd)
+    except OSError:
+        return None
+    if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+        what = "a symlink to another file" if os.path.islink(t.path) else "another file"
+        return f"was replaced by {what}"
+    if not t.is_block and st.st_size < t.size:
+        return f"shrank from {t.size} to {st.st_size} bytes"
+    return None
+
+
+class TargetCheck:
+    """One :func:`target_change` on a worker thread; the loop polls ``done``."""
+
+    def __init__(self, target: OpenTarget, name: str) -> None:
+        self.change: str | None = None
+        self._done = threading.Event()
+        self._target = target
+        threading.Thread(target=self._run, name=f"aiod-check-{name}", daemon=True).start()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _run(self) -> None:
+        try:
+            self.change = target_change(self._target)
+        finally:
+            self._done.set()
+
+
 def open_fifo(path: Path) -> OpenTarget:
     """Open (creating when missing) a FIFO for a `poll` job.
 

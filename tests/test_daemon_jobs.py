@@ -249,3 +249,68 @@ def test_a_flood_of_hung_io_warnings_is_rate_limited_and_counted(
     m = re.search(r"(\d+) more", summaries[0])
     assert m and int(m.group(1)) == job.timeouts - len(warned)
     assert "hold" in summaries[0]
+
+
+# ------------------------------------------------- targets changed under a job
+def deleted_fds_to(path: Path) -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == f"{path} (deleted)":
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def test_a_deleted_write_target_is_noticed_and_recreated(
+        daemon_at: Callable[..., tuple[Daemon, Clock]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    target = tmp_path / "w.dat"
+    d, clock = daemon_at([load_job(target, name="w", op="randwrite", size="1MiB")])
+    turn_until(d, lambda: completed(d, "w") > 20)
+    target.unlink()
+    clock.offset += 30  # past the periodic identity check
+    turn_until(d, lambda: target.exists() and d.jobs["w"].state is JobState.RUNNING)
+    assert target.stat().st_size == 1 << 20  # a new, whole target
+    assert deleted_fds_to(target) == 0, "still writing through the deleted file's fd"
+    assert "was deleted" in caplog.text
+    before = completed(d, "w")
+    turn_until(d, lambda: completed(d, "w") > before + 20)
+
+
+def test_a_target_replaced_by_a_symlink_is_noticed_on_sighup_and_refused(
+        daemon_at: Callable[..., tuple[Daemon, Clock]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    target = tmp_path / "w.dat"
+    users = tmp_path / "users.dat"
+    original = os.urandom(1 << 20)
+    users.write_bytes(original)
+    d, _ = daemon_at([load_job(target, name="w", op="randwrite", size="1MiB")])
+    turn_until(d, lambda: completed(d, "w") > 20)
+    target.unlink()
+    target.symlink_to(users)
+    assert d.reload()  # SIGHUP: the same config, and every target is checked again
+    turn_until(d, lambda: d.jobs["w"].state is JobState.ERROR)
+    assert d.jobs["w"].errors.get("write_refused") == 1
+    assert deleted_fds_to(target) == 0 and open_fds_to(users) == 0
+    assert "was replaced" in caplog.text
+    assert users.read_bytes() == original
+
+
+def test_reads_of_a_truncated_target_are_counted_errors_not_fast_completions(
+        daemon_at: Callable[..., tuple[Daemon, Clock]], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    target = tmp_path / "r.dat"
+    target.write_bytes(os.urandom(1 << 20))
+    d, clock = daemon_at([load_job(target, name="r", size="1MiB", iodepth=4)])
+    turn_until(d, lambda: completed(d, "r") > 20)
+    os.truncate(target, 0)
+    turn_until(d, lambda: d.jobs["r"].errors.get("short_read", 0) > 0)
+    assert "short" in caplog.text
+    clock.offset += 30
+    # The job notices the new size and stops reading past the end: it cannot
+    # use a file smaller than one block.
+    turn_until(d, lambda: d.jobs["r"].state is JobState.ERROR)
+    assert d.jobs["r"].errors.get("too_small") == 1
+    assert "shrank" in caplog.text
