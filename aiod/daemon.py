@@ -156,7 +156,7 @@ class Daemon:
             self._destroy_pools_now()
             raise StartupError(f"cannot listen for metrics on {self.cfg.metrics.host}:"
                                f"{self.cfg.metrics.port}: {e.strerror}", EXIT_FAILURE) from e
-        owned = self._owned(self.cfg.state_directory)
+        owned = self._owned_files = self._owned(self.cfg.state_directory)
         try:
             prepared = self._prepare_jobs(self.cfg.jobs, self.pools, owned)
         except StartupError:
@@ -240,9 +240,9 @@ class Daemon:
         """
         if not state_dir.is_dir():
             return None
-        if self._owned_files is None or self._owned_files.path.parent != state_dir:
-            self._owned_files = OwnedFiles(state_dir)
-        return self._owned_files
+        if self._owned_files is not None and self._owned_files.path.parent == state_dir:
+            return self._owned_files
+        return OwnedFiles(state_dir)  # kept by the caller once it commits to it
 
     def _prepare_jobs(self, jcs: Iterable[JobConfig], pools: Mapping[str, Pool],
                       owned: OwnedFiles | None) -> dict[str, Job]:
@@ -441,6 +441,7 @@ class Daemon:
             raise
         # ---- commit: nothing below can fail for lack of resources
         logs.setup(new.log_level, env=self.env)
+        self._owned_files = owned
         if server is not None:
             assert self.metrics is not None
             if not released:
