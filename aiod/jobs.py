@@ -241,7 +241,8 @@ class Job:
         self._ops = []
         self._free = {k: [] for k in self._free}
         if self.start():
-            log.info("job %s: reopened %s", self.name, self.cfg.target,
+            log.info("job %s: reopened %s (it %s)", self.name, self.cfg.target,
+                     self._reopen_because,
                      extra={"AIOD_JOB": self.name, "AIOD_TARGET": str(self.cfg.target)})
 
     def _build_ops(self) -> None:

@@ -7,6 +7,7 @@ The daemon's clock is injected, so a 10 s retry is a jump of the clock, not a
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import time
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from aiod import config as config_mod
+from aiod import config as config_mod, logs
 from aiod.daemon import Daemon
 from aiod.jobs import RETRY_INTERVAL, JobState
 from aiod.notify import Notifier
@@ -49,8 +50,12 @@ def write_config(tmp: Path, jobs: list[dict[str, Any]], **over: Any) -> Path:
 
 
 @pytest.fixture
-def daemon_at(tmp_path: Path) -> Iterator[Callable[..., tuple[Daemon, Clock]]]:
+def daemon_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+              ) -> Iterator[Callable[..., tuple[Daemon, Clock]]]:
     made: list[Daemon] = []
+    # A reload sets up aiod's own log handler (and stops propagation); here the
+    # records must keep reaching pytest's capture.
+    monkeypatch.setattr(logs, "setup", lambda *a, **kw: logging.getLogger("aiod"))
 
     def make(jobs: list[dict[str, Any]], **over: Any) -> tuple[Daemon, Clock]:
         path = write_config(tmp_path, jobs, **over)
