@@ -70,6 +70,7 @@ def daemon_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     for d in made:
         if d.phase.value != "stopped":
             d.shutdown("test")
+        d.signals.restore()  # in-process: give pytest its handlers back
 
 
 def turn(d: Daemon, n: int = 1) -> None:
