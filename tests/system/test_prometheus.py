@@ -233,7 +233,9 @@ def with_data(expr: str) -> str:
     """The alert expression in a form that returns its series whether or not
     the alert's condition holds: every comparison outside label matchers gets
     `bool` (the value becomes 0 or 1 instead of the series being dropped), and
-    absent(x), which has data exactly when x has none, becomes count(x)."""
+    absent(x), which has data exactly when x has none, becomes count(x). A
+    trailing top-level `unless ...`, which only ever removes series, is dropped."""
+    expr = _without_trailing_unless(expr)
     out: list[str] = []
     depth, i, quote = 0, 0, ""
     while i < len(expr):
@@ -259,11 +261,26 @@ def with_data(expr: str) -> str:
     return re.sub(r"\babsent\(", "count(", "".join(out))
 
 
+def _without_trailing_unless(expr: str) -> str:
+    parens = 0
+    for m in re.finditer(r"[()]|\bunless\b", expr):
+        if m.group(0) == "(":
+            parens += 1
+        elif m.group(0) == ")":
+            parens -= 1
+        elif parens == 0:
+            return expr[:m.start()].rstrip()
+    return expr
+
+
 def test_with_data_form() -> None:
     assert with_data('up{job="aiod"} == 0') == 'up{job="aiod"} == bool 0'
     assert with_data('a{x!="1"} > on (i) b') == 'a{x!="1"} > bool on (i) b'
     assert with_data("(x > 300) and on (j) y") == "(x > bool 300) and on (j) y"
     assert with_data('absent(up{job="aiod"})') == 'count(up{job="aiod"})'
+    assert with_data("(x > 300) and on (j) y unless on (j) (z == 1 unless w)") == \
+        "(x > bool 300) and on (j) y"
+    assert with_data("x and (y unless z)") == "x and (y unless z)"
 
 
 def test_every_dashboard_and_alert_query_returns_data(prometheus_tools: None,
