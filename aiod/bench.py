@@ -1,18 +1,15 @@
 """`aiod bench`: a one-shot, fio-like run on the daemon's own engine.
 
-The I/O goes through an :class:`aiod.pool.Pool` with its full accounting on
-(lifecycle counters, per-op classification, the Prometheus latency
-histogram), exactly as in the daemon; on top of that the bench keeps a fine
-log-linear latency histogram (1/64 of an octave, about 1.6 %) so that its
-percentiles can be put beside fio's. Like fio, it reports completion latency
-(clat: from io_submit's return to the reap) and total latency (lat: from
-before io_submit). They differ most for buffered I/O, which the kernel does
-inside io_submit itself.
-
-Per completion the loop does no Python-level work of its own: it counts the
-op's (submitted_ns, issued_ns, latency_ns) in a Counter from C (ops submitted
-in one batch and reaped in one batch share a key) and folds those keys into
-the histograms every 65,536 distinct keys and at the end.
+The I/O goes through the daemon's engine (aiod._engine: one C call per
+batch fills, submits, reaps and classifies) with its full accounting on:
+lifecycle records per context, the per-(job, op) counters and the
+Prometheus latency histogram, exactly as the daemon keeps them. On top of
+that the engine keeps, for the bench's rows, a fine log-linear latency
+histogram (1/64 of an octave, about 1.6 %) so that its percentiles can be
+put beside fio's. Like fio, it reports completion latency (clat: from
+io_submit's return to the reap) and total latency (lat: from before
+io_submit). They differ most for buffered I/O, which the kernel does inside
+io_submit itself.
 
 Exit status: 0, or 1 when some operations failed; 2 for a usage problem (bad
 argument, missing directory, a target it may not write to) with one line on
@@ -30,16 +27,17 @@ import resource
 import stat
 import sys
 import time
-from collections import Counter
+import select
 from dataclasses import dataclass
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 from aiod import aio
 from aiod.config import parse_duration, parse_size, physical_memory
 from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
-from aiod.pool import Outcome, Pool, PoolCapacityError, PoolError
+from aiod.engine import EngineContext, Ledger, require
+from aiod.lifecycle import ContextState
+from aiod.pool import PoolCapacityError, PoolError, PoolSnapshot
 from aiod.targets import TargetError, create_filled
 
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
@@ -200,142 +198,100 @@ def run_bench(s: Settings, progress: bool = False) -> dict[str, Any]:
         os.close(fd)
 
 
-def _fold(raw: Counter[tuple[int, int, int]], hist: dict[int, int],
-          lhist: dict[int, int]) -> None:
-    """Move (submitted_ns, issued_ns, latency_ns) counts into the clat and lat histograms."""
-    for (sub, iss, lat), n in raw.items():
-        i = hist_index(lat - (iss - sub))
-        hist[i] = hist.get(i, 0) + n
-        i = hist_index(lat)
-        lhist[i] = lhist.get(i, 0) + n
-    raw.clear()
-
-
-_FOLD_AT = 1 << 16  # distinct raw keys kept before folding into the histograms
-_times_of = attrgetter("tag.submitted_ns", "tag.issued_ns", "tag.latency_ns")
-_outcome_of = attrgetter("tag.outcome")
-_res_of = attrgetter("res")
-
-
 def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
     nblocks = usable // s.bs
     per_ctx = -(-s.iodepth // s.contexts)
     job = "bench"
     rng = random.Random(0x5EED)
-    # A fixed table of random offsets, walked in order: a random draw per op
-    # would cost more than the rest of the per-op work.
-    table = [rng.randrange(nblocks) * s.bs for _ in range(min(1 << 16, max(nblocks, 1) * 4))]
-    tlen = len(table)
-    seq = 0
-    bs = s.bs
-
+    writes_too = s.rw in ("write", "randwrite", "randrw")
+    kinds = (["write"] if s.rw in ("write", "randwrite") else
+             (["read", "write"] if s.rw == "randrw" else ["read"]))
+    eng = require()
+    ledger = Ledger()
+    rows = {k: ledger.row(job, k, fine=True) for k in kinds}
     # Slabs: one mapping per kind, not per buffer (vm.max_map_count).
-    reads = [aio.read(fd, buf, 0) for buf in aio.aligned_buffers(s.iodepth, bs)]
-    writes: list[aio.Op] = []
-    if s.rw in ("write", "randwrite", "randrw"):
-        for buf in aio.aligned_buffers(s.iodepth, bs):
-            buf.view[:] = rng.randbytes(bs)
-            writes.append(aio.write(fd, buf, 0))
+    bufs = {k: aio.aligned_buffers(s.iodepth, s.bs) for k in kinds}
+    if writes_too:
+        for buf in bufs["write"]:
+            buf.view[:] = rng.randbytes(s.bs)
     # After the buffers: a failure to map them must not leave contexts behind.
-    pool = Pool("bench", s.contexts, per_ctx, use_eventfd=s.contexts > 1)
-    slots = writes if s.rw in ("write", "randwrite") else reads
-    mixed = s.rw == "randrw"
-    sequential = s.rw in ("read", "write")
-    slot_of = {id(op): i for i, op in enumerate(reads)}
-    slot_of.update({id(op): i for i, op in enumerate(writes)})
-    pool.register(job, ["write"] if s.rw in ("write", "randwrite") else
-                  (["read", "write"] if mixed else ["read"]))
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if s.contexts > 1 else None
+    ctxs: list[EngineContext] = []
+    opsets = []
+    try:
+        for c in range(s.contexts):
+            ctxs.append(EngineContext("bench", c, per_ctx, eventfd=efd))
+        # Each context gets its share of the iodepth, and for randrw a read and
+        # a write op per slot, of which the engine picks one at random.
+        left = s.iodepth
+        for c in range(s.contexts):
+            depth = min(per_ctx, left)
+            left -= depth
+            first = c * per_ctx
+            opset = eng.OpSet(ledger.acct, depth * len(kinds),
+                                  pattern="seq" if s.rw in ("read", "write") else "rand",
+                                  nblocks=nblocks, block_size=s.bs, seed=0x5EED + c,
+                                  mix=0.5 if len(kinds) == 2 else 0.0, depth=depth)
+            for cls, k in enumerate(kinds):
+                code = aio.IOCB_CMD_PWRITE if k == "write" else aio.IOCB_CMD_PREAD
+                for b in bufs[k][first:first + depth]:
+                    opset.add(code, fd, b.address, b.size, rows[k], cls=cls, owner=b)
+            opsets.append(opset)
+        return _loop(s, ledger, rows, ctxs, opsets, efd, progress)
+    finally:
+        for ec in ctxs:
+            if ec.record.state not in (ContextState.DESTROYED, ContextState.FAILED):
+                ec.destroy(30.0)
+        if efd is not None:
+            os.close(efd)
 
-    # Per completion the loop only counts (submitted_ns, issued_ns, latency_ns)
-    # keys in a Counter, in C: ops submitted together and reaped together share
-    # one key. Keys are folded into the log-linear histograms now and then.
-    raw: Counter[tuple[int, int, int]] = Counter()
-    count = raw.update
-    hist: dict[int, int] = {}   # clat
-    lhist: dict[int, int] = {}  # lat
-    ios = nbytes = errors = 0
-    ti = 0
-    COMPLETED = Outcome.COMPLETED
-    chunk = s.iodepth_batch or s.iodepth
 
-    def arm(ops: list[aio.Op]) -> list[aio.Op]:
-        nonlocal ti, seq
-        if mixed:
-            ops = [reads[i] if rng.random() < 0.5 else writes[i]
-                   for i in map(slot_of.__getitem__, map(id, ops))]
-        if sequential:
-            for op in ops:
-                op.iocb.aio_offset = seq
-                seq += bs
-                if seq + bs > usable:
-                    seq = 0
-        else:
-            j = ti + len(ops)
-            if j <= tlen:
-                offs = table[ti:j]
-            else:
-                j -= tlen
-                offs = table[ti:] + table[:j]
-            ti = j
-            for op, off in zip(ops, offs):
-                op.iocb.aio_offset = off
-        return ops
-
+def _loop(s: Settings, ledger: Ledger, rows: dict[str, int], ctxs: list[EngineContext],
+          opsets: list[Any], efd: int | None, progress: bool) -> dict[str, Any]:
+    """Submit and reap through the engine until the runtime is up, then shut
+    down through the same steps as the daemon: drain, cancel, destroy."""
+    chunk = s.iodepth_batch
+    single = len(ctxs) == 1
+    pairs = list(zip(ctxs, opsets))
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     end = t0 + s.runtime
     next_progress = t0 + 1.0
-    refused: list[aio.Op] = []
+    ios = 0
     now = t0
     try:
-        pending = pool.submit(arm(list(slots)), job)
         while True:
-            done = pool.reap(timeout=1.0, min_nr=1)
-            if done:
-                outcomes = list(map(_outcome_of, done))
-                if outcomes.count(COMPLETED) == len(done):
-                    nbytes += sum(map(_res_of, done))
-                    count(map(_times_of, done))
-                else:
-                    for op, outcome in zip(done, outcomes):
-                        if outcome is COMPLETED:
-                            nbytes += op.res or 0
-                            count((_times_of(op),))
-                        else:
-                            errors += 1
-                ios += len(done)
-                if len(raw) > _FOLD_AT:
-                    _fold(raw, hist, lhist)
+            if single:
+                r = ctxs[0].cycle(opsets[0], 1, 1.0, chunk)
+                ios += r[0]
+                refused = r[5]
+            else:
+                ios_before = ios
+                refused = 0
+                for ec, opset in pairs:
+                    r = ec.cycle(opset, 0, 0.0, chunk)
+                    ios += r[0]
+                    refused += r[5]
+                if ios == ios_before:
+                    select.select([efd], [], [], 1.0)
+                    try:
+                        os.eventfd_read(efd)  # type: ignore[arg-type]
+                    except BlockingIOError:
+                        pass
+            if refused and not any(ec.in_flight for ec in ctxs):
+                notes, _ = opsets[0].take_notes()
+                err = next((v for _, kind, v in notes if kind == "rejected"), 0)
+                raise BenchError(f"every operation on {s.target} was refused: "
+                                 f"{os.strerror(err) if err else 'io_submit failed'}")
             now = time.perf_counter()
             if now >= end:
                 break
             if progress and now >= next_progress:
                 el = now - t0
                 sys.stdout.write(f"\r[{el:4.0f}s/{s.runtime:g}s] {ios / el:10.0f} IOPS "
-                                 f"{nbytes / el / 2**20:9.1f} MiB/s")
+                                 f"{ios * s.bs / el / 2**20:9.1f} MiB/s")
                 sys.stdout.flush()
                 next_progress = now + 1.0
-            if pending:
-                done = pending + done
-            if done:
-                batch = arm(done)
-                if len(batch) <= chunk:
-                    pending = pool.submit(batch, job)
-                else:
-                    # --iodepth-batch: small io_submit calls reach the device
-                    # sooner (like fio's iodepth_batch_submit).
-                    pending = []
-                    for i in range(0, len(batch), chunk):
-                        pending += pool.submit(batch[i:i + chunk], job)
-                if Outcome.FAILED in map(_outcome_of, batch):
-                    # Refused by io_submit itself: counted by the pool; the
-                    # bench counts it and goes on with one op fewer.
-                    bad = [op for op in batch if op.tag.outcome is Outcome.FAILED]
-                    errors += len(bad)
-                    refused.extend(bad)
-                    if len(refused) == len(slots):
-                        raise BenchError(f"every operation on {s.target} was refused: "
-                                         f"{os.strerror(bad[0].tag.errno)}")
     except KeyboardInterrupt:
         now = time.perf_counter()  # Ctrl-C ends the run early; results still print
     elapsed = now - t0
@@ -343,13 +299,36 @@ def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if progress:
         sys.stdout.write("\r" + " " * 60 + "\r")
-    # Shutdown through the same steps as the daemon: nothing is left out.
-    pool.close(drain_timeout=30.0, destroy_timeout=30.0)
-    snap = pool.snapshot()
-    _fold(raw, hist, lhist)
+    # Completions after the clock stopped are accounted, not counted in IOPS:
+    # the histograms and bytes are read now, before the drain.
+    raw = ledger.raw()
+    hist: dict[int, int] = {}
+    lhist: dict[int, int] = {}
+    for k in rows:
+        clat, lat = ledger.fine("bench", k)
+        for idx, n in clat.items():
+            hist[idx] = hist.get(idx, 0) + n
+        for idx, n in lat.items():
+            lhist[idx] = lhist.get(idx, 0) + n
+    nbytes = sum(d["bytes"] for d in raw.values())
+    deadline = time.monotonic() + 30.0
+    for ec in ctxs:
+        ec.drain(deadline)
+    for ec in ctxs:
+        ec.cancel(1.0)
+    for ec in ctxs:
+        ec.destroy(30.0)
+    records = [ec.record.snapshot() for ec in ctxs]
+    snap = PoolSnapshot(name="bench", state="closed", nr_events=ctxs[0].record.nr_events,
+                        records=records, stats=ledger.stats(), setups=len(ctxs),
+                        destroys=sum(r.state is ContextState.DESTROYED for r in records),
+                        destroy_failures=sum(r.state is ContextState.FAILED for r in records),
+                        setup_failures={}, oldest_in_flight_seconds=0.0)
+    errors = sum(st.failed_total for st in snap.stats)
     pct = percentiles(hist, (50.0, 90.0, 99.0, 99.9))
     lpct = percentiles(lhist, (50.0, 90.0, 99.0, 99.9))
     ok = sum(hist.values())
+    by_stats = sum(st.submitted for st in snap.stats)
     return {
         "target": str(s.target), "rw": s.rw, "bs": s.bs, "iodepth": s.iodepth,
         "direct": s.direct, "runtime_seconds": round(elapsed, 6),
@@ -361,7 +340,11 @@ def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
                        "p99_9": pct[99.9]},
         "total_latency_ns": {"p50": lpct[50.0], "p90": lpct[90.0], "p99": lpct[99.0],
                              "p99_9": lpct[99.9]},
-        "accounting": {**snap.totals(), "balanced": snap.balanced},
+        "accounting": {**snap.totals(),
+                       "balanced": snap.balanced and by_stats == snap.submitted},
+        "latency_histogram": {"bounds_seconds": list(ledger.bounds),
+                              "buckets": [sum(st.buckets[i] for st in snap.stats)
+                                          for i in range(len(ledger.bounds) + 1)]},
     }
 
 

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 EPILOG = """\
 exit codes:
   0   clean exit (after SIGTERM/SIGINT: drained, cancelled, destroyed, reported)
-  1   any other failure (e.g. the metrics address is in use)
+  1   any other failure (e.g. the metrics address is in use, or the compiled
+      engine aiod._engine was not built)
   2   bad command-line usage
   75  the kernel refused the AIO resources the configuration asks for;
       the message says how large fs.aio-max-nr must be
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NEEDS_ENGINE = ("run", "bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     signals = SignalInbox()
@@ -214,6 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals.install()
     args = build_parser().parse_args(args_in)
     from aiod import aio
+    if args.command in NEEDS_ENGINE:
+        from aiod.engine import MISSING
+        if MISSING is not None:  # no silent slow path: say what is missing and stop
+            print(f"aiod: {MISSING}", file=sys.stderr)
+            return EXIT_FAILURE
     try:
         if args.command == "run":
             return run(args.config, signals)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aiod import bench as bench_mod
+from aiod import aio, bench as bench_mod
 from aiod.bench import hist_index, hist_value, percentiles
 from tests.daemon_harness import AIOD, ROOT
 
@@ -99,15 +99,34 @@ def test_bench_in_process_randrw_buffered_with_small_submits(
     assert out["latency_ns"]["p50"] <= out["total_latency_ns"]["p50"] * 1.02
 
 
-def test_fold_puts_each_op_in_its_clat_and_lat_bucket() -> None:
-    raw: Counter[tuple[int, int, int]] = Counter()
-    raw.update([(1000, 4000, 50_000)] * 3 + [(2000, 2500, 120_000)])
-    hist: dict[int, int] = {}
-    lhist: dict[int, int] = {}
-    bench_mod._fold(raw, hist, lhist)
-    assert not raw
-    assert hist == {hist_index(47_000): 3, hist_index(119_500): 1}
-    assert lhist == {hist_index(50_000): 3, hist_index(120_000): 1}
+def test_engine_puts_each_op_in_its_clat_and_lat_bucket(tmp_path: Path) -> None:
+    """The bench's histograms come from the engine: per op, lat from before
+    io_submit, clat from its return; both buckets as hist_index."""
+    from aiod.engine import EngineContext, Ledger, require
+    eng = require()
+    path = tmp_path / "d.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    ledger = Ledger()
+    row = ledger.row("bench", "read", fine=True)
+    bufs = aio.aligned_buffers(4, 4096)
+    opset = eng.OpSet(ledger.acct, 4, pattern="rand", nblocks=256, block_size=4096)
+    for b in bufs:
+        opset.add(aio.IOCB_CMD_PREAD, fd, b.address, 4096, row, owner=b)
+    ec = EngineContext("bench", 0, 4)
+    try:
+        ec.submit(opset, 4)
+        n, _, _, _, detail = ec.ring.reap(4, 5.0, detail=True)
+        ec.record.add_outcomes(n, 0, 0)
+    finally:
+        ec.destroy(5.0)
+        os.close(fd)
+    assert n == 4
+    clat, lat = ledger.fine("bench", "read")
+    assert lat == dict(Counter(hist_index(d[4]) for d in detail))
+    assert sum(clat.values()) == 4 and all(min(lat) >= i - 1 or i <= max(lat) for i in clat)
+    # clat <= lat for every op: the bucket sums agree in order
+    assert sum(i * c for i, c in clat.items()) <= sum(i * c for i, c in lat.items())
 
 
 def test_bench_refuses_buffers_larger_than_memory_in_one_line(tmp_path: Path) -> None:

@@ -1,0 +1,491 @@
+"""The compiled engine (aiod._engine) against a slow, obvious reference model.
+
+Real kernel AIO throughout: reads of a real O_DIRECT file (some past its end:
+short), misaligned O_DIRECT reads (EINVAL at completion), reads of a FUSE
+file that fails with EIO, fsyncs of a closed fd (refused by io_submit, in the
+middle of a batch: a short submit), POLLs of a pipe (woken, or cancelled).
+The model predicts every op's outcome from what the op is, and recomputes
+every counter and histogram bucket in plain Python from the latencies the
+engine reports per op; the engine's C counters must match it exactly.
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import errno
+import os
+import select
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from aiod import aio
+from aiod.bench import hist_index
+from aiod.engine import CANCELLED, COMPLETED, FAILED, EngineContext, Ledger, require
+from aiod.pool import LATENCY_BUCKETS
+from tests.conftest import live_contexts
+from tests.daemon_harness import ROOT
+from tests.faultfs import FaultFS, faultfs  # noqa: F401
+
+eng = require()
+BOUNDS_NS = [int(round(b * 1e9)) for b in LATENCY_BUCKETS]
+BS = 4096
+FILE_SIZE = 1 << 20
+KINDS = ("read", "misaligned", "eio", "badfd", "poll")
+EXAMPLES = int(os.environ.get("AIOD_ENGINE_EXAMPLES", "40"))
+
+
+class Model:
+    """What every counter must be, computed the slow, obvious way."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.ledger = ledger
+
+    def row(self, kind: str) -> dict[str, Any]:
+        return self.rows.setdefault(kind, {
+            "submitted": 0, "completed": 0, "cancelled": 0, "failed": {}, "short": 0,
+            "in_flight": 0, "bytes": 0, "buckets": [0] * (len(BOUNDS_NS) + 1),
+            "latency_sum_ns": 0, "latency_count": 0})
+
+    def submitted(self, kind: str) -> None:
+        r = self.row(kind)
+        r["submitted"] += 1
+        r["in_flight"] += 1
+
+    def rejected(self, kind: str, err: int) -> None:
+        r = self.row(kind)
+        r["submitted"] += 1
+        r["failed"][err] = r["failed"].get(err, 0) + 1
+
+    def finished(self, kind: str, outcome: int, res: int, lat: int, nbytes: int) -> None:
+        r = self.row(kind)
+        r["in_flight"] -= 1
+        if outcome == CANCELLED:
+            r["cancelled"] += 1
+            return
+        r["buckets"][bisect.bisect_left(BOUNDS_NS, lat)] += 1
+        r["latency_sum_ns"] += lat
+        r["latency_count"] += 1
+        if res < 0:
+            r["failed"][-res] = r["failed"].get(-res, 0) + 1
+        else:
+            r["completed"] += 1
+            r["bytes"] += res
+            if kind in ("read", "misaligned", "eio") and res < nbytes:
+                r["short"] += 1
+
+    def lost(self, kind: str) -> None:
+        r = self.row(kind)
+        r["in_flight"] -= 1
+        r["cancelled"] += 1
+
+    def check(self) -> None:
+        got = self.ledger.raw()
+        for kind, want in self.rows.items():
+            have = dict(got[("prop", kind)])
+            have.pop("last_completion")
+            have["buckets"] = list(have["buckets"])
+            assert have == want, (kind, have, want)
+            assert have["submitted"] == (have["completed"] + have["cancelled"]
+                                         + sum(have["failed"].values()) + have["in_flight"])
+
+
+class Rig:
+    """One OpSet holding every kind of op, on two kernel contexts."""
+
+    def __init__(self, good_fd: int, eio_fd: int, pipe_r: int, per_kind: int = 6) -> None:
+        self.ledger = Ledger()
+        self.model = Model(self.ledger)
+        self.rows = {k: self.ledger.row("prop", k) for k in KINDS}
+        self.bufs = aio.aligned_buffers(per_kind * 3, BS)
+        self.mis = aio.aligned_buffer(2 * BS)
+        self.set = eng.OpSet(self.ledger.acct, per_kind * len(KINDS))
+        self.kind_of: dict[int, str] = {}
+        bad_fd = os.open("/dev/null", os.O_RDONLY)
+        os.close(bad_fd)  # a closed fd: io_submit refuses it with EBADF
+        b = iter(self.bufs)
+        for kind in KINDS:
+            for _ in range(per_kind):
+                if kind == "read":
+                    buf = next(b)
+                    i = self.set.add(aio.IOCB_CMD_PREAD, good_fd, buf.address, BS, self.rows[kind], owner=buf)
+                elif kind == "misaligned":
+                    i = self.set.add(aio.IOCB_CMD_PREAD, good_fd, self.mis.address + 1, BS,
+                                     self.rows[kind], owner=self.mis)
+                elif kind == "eio":
+                    buf = next(b)
+                    i = self.set.add(aio.IOCB_CMD_PREAD, eio_fd, buf.address, BS, self.rows[kind], owner=buf)
+                elif kind == "badfd":
+                    i = self.set.add(aio.IOCB_CMD_FSYNC, bad_fd, 0, 0, self.rows[kind])
+                else:
+                    i = self.set.add(aio.IOCB_CMD_POLL, pipe_r, select.POLLIN, 0, self.rows[kind])
+                self.kind_of[i] = kind
+        self.free = set(self.kind_of)
+        self.where: dict[int, int] = {}    # op index -> context it is in flight on
+        self.cancelled: set[int] = set()
+        self.ctxs = [EngineContext("prop", n, 16) for n in range(2)]
+
+    def submit(self, c: int, picks: list[tuple[str, int]]) -> None:
+        idx: list[int] = []
+        offs = array.array("q")
+        for kind, block in picks:
+            cand = sorted(i for i in self.free if self.kind_of[i] == kind and i not in idx)
+            if not cand:
+                continue
+            idx.append(cand[0])
+            offs.append(block * BS)  # blocks past FILE_SIZE read short (0 bytes)
+        if not idx:
+            return
+        ok, rejected, unsubmitted, err = self.ctxs[c].submit(self.set, len(idx), offs, indices=idx)
+        bad = [i for i in idx if self.kind_of[i] == "badfd"]
+        assert (ok, rejected, unsubmitted) == (len(idx) - len(bad), len(bad), 0)
+        if bad:
+            assert err == errno.EBADF
+        for i in idx:
+            if self.kind_of[i] == "badfd":
+                self.model.rejected("badfd", errno.EBADF)
+            else:
+                self.model.submitted(self.kind_of[i])
+                self.free.discard(i)
+                self.where[i] = c
+        notes, dropped = self.set.take_notes()
+        assert dropped == 0
+        assert sorted(i for i, k, v in notes if k == "rejected" and v == errno.EBADF) == sorted(bad)
+
+    def reap(self, c: int, min_nr: int = 0, timeout: float = 0.0) -> int:
+        ec = self.ctxs[c]
+        completed, cancelled, failed, _err, detail = ec.ring.reap(min_nr, timeout, detail=True)
+        ec.record.add_outcomes(completed, cancelled, failed)
+        for opset, i, outcome, res, lat in detail:
+            assert opset is self.set and self.where.pop(i) == c
+            kind = self.kind_of[i]
+            info = self.set.op_info(i)
+            # The prediction from what the op is:
+            if i in self.cancelled:
+                want = CANCELLED
+            elif kind == "read":
+                want = COMPLETED
+                assert res == (BS if info["offset"] + BS <= FILE_SIZE else 0)
+            elif kind == "misaligned" and info["offset"] >= FILE_SIZE:
+                want = COMPLETED  # at or past the end: 0 bytes, before any alignment check
+                assert res == 0
+            elif kind == "misaligned":
+                want = FAILED
+                assert res == -errno.EINVAL
+            elif kind == "eio" and info["offset"] >= FILE_SIZE:
+                want = COMPLETED  # past the end: 0 bytes, never asked of the server
+                assert res == 0
+            elif kind == "eio":
+                want = FAILED
+                assert res == -errno.EIO
+            else:
+                want = COMPLETED
+                assert res & select.POLLIN
+            assert outcome == want, (kind, outcome, res)
+            assert lat > 0
+            self.model.finished(kind, outcome, res, lat, BS)
+            self.cancelled.discard(i)
+            self.free.add(i)
+        self.set.take_notes()
+        return len(detail)
+
+    def cancel_polls(self, n: int) -> None:
+        for i in sorted(self.where):
+            if n == 0:
+                break
+            if self.kind_of[i] == "poll" and i not in self.cancelled:
+                n -= 1
+                if self.ctxs[self.where[i]].ring.cancel(self.set, i):
+                    self.cancelled.add(i)
+
+    def close(self, pipe_w: int) -> None:
+        self.cancel_polls(len(self.kind_of))
+        for ec in self.ctxs:
+            requested, _ = ec.cancel(0.0)
+            assert requested == 0  # every POLL was asked already; reads cannot be cancelled
+        os.write(pipe_w, b"x")
+        deadline = time.monotonic() + 10
+        while self.where and time.monotonic() < deadline:
+            for c in range(len(self.ctxs)):
+                self.reap(c, 0, 0.0)
+            time.sleep(0.001)
+        for c, ec in enumerate(self.ctxs):
+            left = [i for i, cc in self.where.items() if cc == c]
+            assert ec.destroy(5.0) == len(left)
+            for i in left:
+                self.model.lost(self.kind_of[i])
+                del self.where[i]
+        assert self.set.in_flight == 0
+
+
+def _drain_pipe(r: int) -> None:
+    while select.select([r], [], [], 0)[0]:
+        os.read(r, 4096)
+
+
+ACTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("submit"), st.integers(0, 1),
+                  st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 2 * FILE_SIZE // BS - 1)),
+                           min_size=1, max_size=8)),
+        st.tuples(st.just("reap"), st.integers(0, 1), st.just([])),
+        st.tuples(st.just("wait"), st.integers(0, 1), st.just([])),
+        st.tuples(st.just("wake"), st.just(0), st.just([])),
+        st.tuples(st.just("quiet"), st.just(0), st.just([])),
+        st.tuples(st.just("cancel"), st.integers(1, 4), st.just([])),
+        st.tuples(st.just("check"), st.just(0), st.just([])),
+    ),
+    min_size=1, max_size=30)
+
+
+@pytest.fixture
+def files(tmp_path: Path, faultfs: FaultFS) -> Any:  # noqa: F811
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(FILE_SIZE))
+    try:
+        good = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:  # pragma: no cover - depends on the test filesystem
+        pytest.skip(f"O_DIRECT not supported under {tmp_path}: {e}")
+    bad = os.open(faultfs.path("eio.dat"), os.O_RDONLY | os.O_DIRECT)
+    r, w = os.pipe()
+    try:
+        yield good, bad, r, w
+    finally:
+        for fd in (good, bad, r, w):
+            os.close(fd)
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(actions=ACTIONS)
+def test_compiled_accounting_matches_the_reference_model(files: Any, actions: list[Any]) -> None:
+    good, bad, r, w = files
+    _drain_pipe(r)
+    before = live_contexts()
+    rig = Rig(good, bad, r)
+    try:
+        for what, n, picks in actions:
+            if what == "submit":
+                rig.submit(n, picks)
+            elif what == "reap":
+                rig.reap(n)
+            elif what == "wait" and rig.ctxs[n].in_flight:
+                rig.reap(n, 1, 0.01)
+            elif what == "wake":
+                os.write(w, b"x")
+            elif what == "quiet":
+                _drain_pipe(r)
+            elif what == "cancel":
+                rig.cancel_polls(n)
+            rig.model.check()
+            for ec in rig.ctxs:
+                rec = ec.record.snapshot()
+                assert rec.in_flight == ec.in_flight
+                assert rec.submitted == rec.completed + rec.cancelled + rec.failed + rec.in_flight
+    finally:
+        rig.close(w)
+    rig.model.check()
+    for kind in KINDS:
+        assert rig.ledger.raw()[("prop", kind)]["in_flight"] == 0
+    assert live_contexts() == before
+
+
+def test_fine_index_is_the_bench_histogram_index() -> None:
+    for ns in [0, 1, 127, 128, 129, 255, 256, 1000, 4095, 123_456, 10**9, 7 * 10**10, 2**62]:
+        assert eng.fine_index(ns) == hist_index(ns), ns
+
+
+def test_eagain_hands_the_rest_back_and_counts_nothing_for_it(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    ledger = Ledger()
+    row = ledger.row("flood", "poll")
+    opset = eng.OpSet(ledger.acct, 400)
+    for _ in range(400):
+        opset.add(aio.IOCB_CMD_POLL, r, select.POLLIN, 0, row)
+    # io_setup(1) gives a ring of about 127 events: 400 POLLs cannot all go in.
+    ec = EngineContext("flood", 0, 1)
+    try:
+        ok, rejected, unsubmitted, _ = ec.submit(opset, 400)
+        assert rejected == 0 and ok + unsubmitted == 400 and 0 < ok < 400
+        assert opset.in_flight == ok and opset.free == 400 - ok
+        d = ledger.raw()[("flood", "poll")]
+        assert d["submitted"] == ok == d["in_flight"]
+    finally:
+        lost = ec.destroy(5.0)
+    d = ledger.raw()[("flood", "poll")]
+    assert lost == ok and d["cancelled"] == ok and d["in_flight"] == 0
+    rec = ec.record.snapshot()
+    assert (rec.submitted, rec.cancelled, rec.in_flight, rec.state.value) == (ok, ok, 0, "destroyed")
+
+
+def test_a_probe_sleeps_in_the_kernel_between_completions(pipe: tuple[int, int]) -> None:
+    """iodepth 1 at a probe's pace: a reap that waits costs no CPU while it waits."""
+    r, w = pipe
+    ledger = Ledger()
+    opset = eng.OpSet(ledger.acct, 1, depth=1)
+    opset.add(aio.IOCB_CMD_POLL, r, select.POLLIN, 0, ledger.row("probe", "poll"))
+    ec = EngineContext("probe", 0, 1)
+    try:
+        ec.submit(opset, 1)
+        timer = threading.Timer(0.5, os.write, (w, b"x"))
+        t0, c0 = time.monotonic(), time.thread_time()
+        timer.start()
+        done = ec.reap(1, 5.0)
+        took, cpu = time.monotonic() - t0, time.thread_time() - c0
+        timer.join()
+    finally:
+        ec.destroy(5.0)
+    assert done[0] == 1 and took >= 0.45
+    assert cpu < 0.05, f"the wait burnt {cpu:.3f}s of CPU in {took:.3f}s"
+
+
+def test_snapshots_from_another_thread_always_balance(direct_file: tuple[int, Path]) -> None:
+    fd, _ = direct_file
+    ledger = Ledger()
+    row = ledger.row("load", "read")
+    bufs = aio.aligned_buffers(16, BS)
+    opset = eng.OpSet(ledger.acct, 16, pattern="rand", nblocks=FILE_SIZE // BS, block_size=BS, depth=16)
+    for b in bufs:
+        opset.add(aio.IOCB_CMD_PREAD, fd, b.address, BS, row, owner=b)
+    ec = EngineContext("load", 0, 16)
+    stop = threading.Event()
+    seen: list[int] = []
+    bad: list[dict[str, Any]] = []
+
+    def scrape() -> None:
+        while not stop.is_set():
+            d = ledger.acct.snapshot()[row]
+            if d["submitted"] != d["completed"] + d["cancelled"] + sum(d["failed"].values()) + d["in_flight"]:
+                bad.append(d)
+            seen.append(d["submitted"])
+
+    th = threading.Thread(target=scrape)
+    th.start()
+    try:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            ec.cycle(opset, 1, 1.0)
+    finally:
+        stop.set()
+        th.join()
+        ec.drain(time.monotonic() + 5)
+        ec.destroy(5.0)
+    assert not bad, bad[:3]
+    assert len(set(seen)) > 10  # the scrapes really interleaved with the loop
+    d = ledger.raw()[("load", "read")]
+    assert d["in_flight"] == 0 and d["completed"] == d["submitted"] > 0
+    assert d["bytes"] == d["completed"] * BS
+
+
+def test_misuse_is_refused_with_a_clear_error(pipe: tuple[int, int]) -> None:
+    ledger = Ledger()
+    row = ledger.row("j", "poll")
+    opset = eng.OpSet(ledger.acct, 3)
+    opset.add(aio.IOCB_CMD_POLL, pipe[0], select.POLLIN, 0, row)
+    opset.add(aio.IOCB_CMD_POLL, pipe[0], select.POLLIN, 0, row)
+    with pytest.raises(ValueError, match="pattern"):
+        eng.OpSet(ledger.acct, 1, pattern="zigzag")
+    with pytest.raises(IndexError):
+        opset.add(aio.IOCB_CMD_POLL, pipe[0], 1, 0, row + 7)
+    ec = EngineContext("j", 0, 4)
+    try:
+        ec.submit(opset, 1, indices=[0])
+        with pytest.raises(ValueError, match="in flight"):
+            ledger.forget("j")
+        with pytest.raises(ValueError, match="not free"):
+            ec.ring.submit(opset, 1, None, [0])
+    finally:
+        assert ec.destroy(5.0) == 1
+    assert opset.in_flight == 0 and opset.free == 2
+    with pytest.raises(ValueError, match="gone"):
+        ec.ring.reap()
+
+
+def test_user_space_reaping_checks_the_ring_and_reaps_the_same(direct_file: tuple[int, Path]) -> None:
+    fd, _ = direct_file
+    ledger = Ledger()
+    row = ledger.row("u", "read")
+    bufs = aio.aligned_buffers(8, BS)
+    opset = eng.OpSet(ledger.acct, 8, pattern="seq", nblocks=FILE_SIZE // BS, block_size=BS)
+    for b in bufs:
+        opset.add(aio.IOCB_CMD_PREAD, fd, b.address, BS, row, owner=b)
+    ec = EngineContext("u", 0, 8, user_reap=True)
+    try:
+        assert ec.ring.user_reap  # the kernel's ring header carried the magic
+        for _ in range(50):
+            ec.cycle(opset, 1, 1.0)
+    finally:
+        ec.drain(time.monotonic() + 5)
+        ec.destroy(5.0)
+    from_ring, from_syscall = ec.ring.reaped
+    assert from_ring > 0
+    d = ledger.raw()[("u", "read")]
+    assert d["completed"] == d["submitted"] == from_ring + from_syscall
+    rec = ec.record.snapshot()
+    assert rec.completed == d["completed"] and rec.in_flight == 0
+
+
+def test_aiod_refuses_to_start_without_the_engine(tmp_path: Path) -> None:
+    """A copy of the package without the compiled module: one line, exit 1."""
+    pkg = tmp_path / "aiod"
+    pkg.mkdir()
+    for f in (ROOT / "aiod").glob("*.py"):
+        (pkg / f.name).write_bytes(f.read_bytes())
+    (pkg / "default.yaml").write_bytes((ROOT / "aiod" / "default.yaml").read_bytes())
+    # Without the development install's import hook, which would find the
+    # module in the checkout: as on a host where the build never happened.
+    bare = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if 'editable' not in repr(f).lower()]; from aiod.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    for cmd in (["run"], ["bench", "--target", str(tmp_path / "x.dat")]):
+        r = subprocess.run([sys.executable, "-c", bare, *cmd], capture_output=True,
+                           text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                           timeout=60)
+        assert r.returncode == 1, r.stderr
+        (line,) = r.stderr.splitlines()
+        assert line.startswith("aiod: the compiled engine aiod._engine is not built")
+        assert "make install" in line and "python3-dev" in line
+    assert not (tmp_path / "x.dat").exists()
+
+
+def test_the_engine_runs_clean_under_addresssanitizer(tmp_path: Path) -> None:
+    """Build a sanitized aiod._engine and run this file's workloads and a bench on it."""
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True).stdout.strip()
+    if not libasan or not os.path.exists(libasan):
+        pytest.skip("gcc has no libasan here")
+    pkg = tmp_path / "aiod"
+    pkg.mkdir()
+    for f in (ROOT / "aiod").iterdir():
+        if f.suffix in (".py", ".yaml"):
+            (pkg / f.name).write_bytes(f.read_bytes())
+    so = pkg / ("_engine" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fsanitize=address",
+                    "-fno-omit-frame-pointer", f"-I{sysconfig.get_paths()['include']}",
+                    str(ROOT / "aiod" / "_engine.c"), "-o", str(so)], check=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{ROOT}", LD_PRELOAD=libasan,
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", AIOD_ENGINE_EXAMPLES="15")
+    probe = subprocess.run([sys.executable, "-c", "import aiod._engine as e; print(e.__file__)"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert probe.stdout.strip() == str(so), probe.stderr
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        str(ROOT / "tests" / "test_engine.py"), "-k",
+                        "not addresssanitizer and not refuses_to_start"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0 and "AddressSanitizer" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    target = tmp_path / "b.dat"
+    for args in (["--rw=randrw", "--buffered", "--iodepth=16", "--contexts=2"],
+                 ["--rw=read", "--iodepth=4", "--iodepth-batch=1"]):
+        b = subprocess.run([sys.executable, "-m", "aiod.cli", "bench", f"--target={target}",
+                            "--size=4M", "--runtime=300ms", "--json", "--allow-overwrite", *args],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert b.returncode == 0 and "AddressSanitizer" not in b.stderr, b.stderr[-3000:]
