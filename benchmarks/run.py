@@ -69,9 +69,11 @@ def run_fio(path: Path, sc: Scenario, extra: list[str], runtime: int, size: int)
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["write" if "write" in sc.rw else "read"]
     pct = side["clat_ns"].get("percentile", {})
+    secs = job.get("job_runtime", runtime * 1000) / 1000
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * secs
+    ios = side.get("total_ios") or side["iops"] * secs
     return {"iops": side["iops"], "p50": pct.get("50.000000", 0.0),
-            "p99": pct.get("99.000000", 0.0),
-            "cpu": (job["usr_cpu"] + job["sys_cpu"]) / 100 * runtime}
+            "p99": pct.get("99.000000", 0.0), "cpu": cpu, "cpu_per_op": cpu / ios if ios else 0.0}
 
 
 def run_aiod(path: Path, sc: Scenario, extra: list[str], runtime: int,
@@ -85,7 +87,8 @@ def run_aiod(path: Path, sc: Scenario, extra: list[str], runtime: int,
                                   env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout)
     assert r["accounting"]["balanced"] and r["errors"] == 0, r
     return {"iops": r["iops"], "p50": r["latency_ns"]["p50"], "p99": r["latency_ns"]["p99"],
-            "cpu": r["cpu_seconds"]}
+            "cpu": r["cpu_seconds"],
+            "cpu_per_op": r["cpu_seconds"] / r["ios"] if r["ios"] else 0.0}
 
 
 def run_caio(path: Path, sc: Scenario, runtime: int, size: int) -> dict[str, float] | str:
@@ -95,7 +98,8 @@ def run_caio(path: Path, sc: Scenario, runtime: int, size: int) -> dict[str, flo
     if r["errors"]:
         return (f"every read failed ({r['errors']} of {r['ios']}): caio allocates its own "
                 "buffers without O_DIRECT alignment, so the kernel answers EINVAL")
-    return {"iops": r["iops"], "p50": 0.0, "p99": 0.0, "cpu": r["cpu_seconds"]}
+    return {"iops": r["iops"], "p50": 0.0, "p99": 0.0, "cpu": r["cpu_seconds"],
+            "cpu_per_op": r["cpu_seconds"] / r["ios"] if r["ios"] else 0.0}
 
 
 def run_lifecycle(which: str) -> dict[str, float]:
@@ -192,20 +196,23 @@ def main() -> int:
                 sc.results.setdefault(name, []).append(r)
                 print(f"round {rnd + 1} [{sc.key}] {name:9s} {r['iops']:10.0f} IOPS "
                       f"p50 {r['p50'] / 1000:7.1f}us p99 {r['p99'] / 1000:7.1f}us "
-                      f"cpu {r['cpu']:.2f}s", file=sys.stderr)
+                      f"cpu {r['cpu']:.2f}s ({r['cpu_per_op'] * 1e6:.2f} us/op)", file=sys.stderr)
     print(f"\nmachine: {cpu_model()}, {os.cpu_count()} CPUs, kernel {platform.release()}, "
           f"files in {args.dir}; {args.rounds} rounds x {args.runtime}s; medians\n")
-    print("| scenario | engine | IOPS | p50 us | p99 us | CPU s | aiod/engine IOPS | aiod/engine p50 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| scenario | engine | IOPS | p50 us | p99 us | CPU s | CPU us/op | aiod/engine IOPS "
+          "| aiod/engine p50 | aiod/engine CPU/op |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for sc in chosen:
         a = sc.results.get("aiod", [])
         for name, rs in sc.results.items():
-            iops, p50 = med(rs, "iops"), med(rs, "p50")
+            iops, p50, cop = med(rs, "iops"), med(rs, "p50"), med(rs, "cpu_per_op")
             mine = name.startswith("aiod")
             ratio = f"{med(a, 'iops') / iops:.2f}" if not mine and iops else ""
             lat = (f"{med(a, 'p50') / p50:.2f}" if not mine and p50 else "")
+            cpu_ratio = f"{med(a, 'cpu_per_op') / cop:.2f}" if not mine and cop else ""
             print(f"| {sc.key}. {sc.title} | {name} | {iops:.0f} | {p50 / 1000:.1f} | "
-                  f"{med(rs, 'p99') / 1000:.1f} | {med(rs, 'cpu'):.2f} | {ratio} | {lat} |")
+                  f"{med(rs, 'p99') / 1000:.1f} | {med(rs, 'cpu'):.2f} | {cop * 1e6:.2f} | "
+                  f"{ratio} | {lat} | {cpu_ratio} |")
     for k, v in notes.items():
         print(f"\nnote {k}: {v}")
     if any(sc.key in ("2", "4") for sc in chosen):
@@ -256,11 +263,15 @@ def print_targets(chosen: list[Scenario]) -> None:
             rows.append((what, r, 1.0))
     r = ratio("2", "aiod", "fio", "p50")
     if r is not None:
-        rows.append(("2. clat p50 aiod/fio (lower is better)", r, 1.1))
+        rows.append(("2. clat p50 aiod/fio (lower is better)", r, 1.05))
     best = max((ratio("3", "aiod", e) is not None and med(by["3"][e], "iops") or 0.0)
                for e in ("fio", "fio-batch")) if "3" in by else 0.0
     if best:
         rows.append(("3. IOPS aiod/best fio", med(by["3"]["aiod"], "iops") / best, 1.0))
+    for key in ("1", "2", "3", "4"):
+        r = ratio(key, "aiod", "fio", "cpu_per_op")
+        if r is not None:
+            rows.append((f"{key}. CPU per op aiod/fio (lower is better)", r, 1.1))
     r = ratio("3", "aiod", "caio")
     if r is not None:
         rows.append(("3. IOPS aiod/caio", r, 3.0))
