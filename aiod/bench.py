@@ -94,6 +94,7 @@ class Settings:
     json: bool
     contexts: int
     iodepth_batch: int = 0
+    userspace_reap: bool = False
 
 
 def add_parser(sub: Any) -> None:
@@ -120,6 +121,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--iodepth-batch", type=int, default=0, metavar="N",
                    help="submit at most N operations per io_submit, like fio's "
                         "iodepth_batch_submit (default: all that are ready)")
+    p.add_argument("--userspace-reap", action="store_true",
+                   help="reap completions from the context's mapped ring without a syscall "
+                        "when they are there (like fio's userspace_reap); io_getevents "
+                        "still waits when none are")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
@@ -152,7 +157,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(target=Path(args.target).absolute(), rw=args.rw, bs=bs, iodepth=args.iodepth,
                     runtime=runtime, size=size, direct=args.direct,
                     allow_overwrite=args.allow_overwrite, json=args.json,
-                    contexts=args.contexts, iodepth_batch=args.iodepth_batch)
+                    contexts=args.contexts, iodepth_batch=args.iodepth_batch,
+                    userspace_reap=args.userspace_reap)
 
 
 def _open(s: Settings) -> tuple[int, int]:
@@ -220,7 +226,8 @@ def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
     opsets = []
     try:
         for c in range(s.contexts):
-            ctxs.append(EngineContext("bench", c, per_ctx, eventfd=efd))
+            ctxs.append(EngineContext("bench", c, per_ctx, eventfd=efd,
+                                      user_reap=s.userspace_reap))
         # Each context gets its share of the iodepth, and for randrw a read and
         # a write op per slot, of which the engine picks one at random.
         left = s.iodepth
@@ -272,10 +279,10 @@ def _loop(s: Settings, ledger: Ledger, rows: dict[str, int], ctxs: list[EngineCo
                     r = ec.cycle(opset, 0, 0.0, chunk)
                     ios += r[0]
                     refused += r[5]
-                if ios == ios_before:
+                if ios == ios_before and efd is not None:
                     select.select([efd], [], [], 1.0)
                     try:
-                        os.eventfd_read(efd)  # type: ignore[arg-type]
+                        os.eventfd_read(efd)
                     except BlockingIOError:
                         pass
             if refused and not any(ec.in_flight for ec in ctxs):

@@ -18,6 +18,7 @@ the counters at snapshot time.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -30,7 +31,7 @@ from aiod.pool import LATENCY_BUCKETS, OpStats
 
 _engine: ModuleType | None
 try:
-    from aiod import _engine
+    _engine = importlib.import_module("aiod._engine")
     MISSING: str | None = None
 except ImportError as _e:  # the build failed or was skipped
     _engine = None

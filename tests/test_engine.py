@@ -497,7 +497,7 @@ def test_the_engine_runs_clean_under_addresssanitizer(tmp_path: Path) -> None:
     assert r.returncode == 0 and "AddressSanitizer" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     target = tmp_path / "b.dat"
     for args in (["--rw=randrw", "--buffered", "--iodepth=16", "--contexts=2"],
-                 ["--rw=read", "--iodepth=4", "--iodepth-batch=1"]):
+                 ["--rw=read", "--iodepth=4", "--iodepth-batch=1", "--userspace-reap"]):
         b = subprocess.run([sys.executable, "-m", "aiod.cli", "bench", f"--target={target}",
                             "--size=4M", "--runtime=300ms", "--json", "--allow-overwrite", *args],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
