@@ -79,6 +79,8 @@ def test_the_package_builds_without_deprecation_warnings_and_ships_its_license(
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        # The compiled engine is built by the ordinary install, not left to chance.
+        assert any(n.startswith("aiod/_engine.") and n.endswith(".so") for n in names), names
         licence = [n for n in names if n.endswith("/LICENSE")]
         assert licence and "Apache License" in z.read(licence[0]).decode()
     assert "License-Expression: Apache-2.0" in meta.splitlines()
