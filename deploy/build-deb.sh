@@ -6,7 +6,7 @@
 # dpkg-buildpackage wants debian/ at the top of the source tree and writes
 # its results next to it, so the build runs in a scratch copy of the tree
 # (everything but what .gitignore lists) with deploy/debian as debian/; only
-# aiod_<version>_all.deb comes back, into OUTDIR. Needs the packages
+# aiod_<version>_<arch>.deb comes back, into OUTDIR. Needs the packages
 # `deploy/debian-deps.sh --deb` installs; runs as any user.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,6 +32,17 @@ setuptools=$(dpkg-query -W -f='${Version}' python3-setuptools 2>/dev/null || ech
 if dpkg --compare-versions "$setuptools" lt 77; then
     sed -i -e 's/^license = "\([^"]*\)"$/license = { text = "\1" }/' \
         -e '/^license-files = /d' "$src/pyproject.toml"
+fi
+# Setuptools before 74 (Debian 12 has 66) does not read ext-modules from
+# pyproject.toml: the build copy declares the compiled engine in a setup.py
+# instead, with the same name, source and flags.
+if dpkg --compare-versions "$setuptools" lt 74; then
+    flags=$(sed -n 's/.*extra-compile-args = \(\[[^]]*\]\).*/\1/p' "$src/pyproject.toml")
+    sed -i '/^ext-modules = \[/,/^\]/d' "$src/pyproject.toml"
+    cat >"$src/setup.py" <<EOF
+from setuptools import Extension, setup
+setup(ext_modules=[Extension("aiod._engine", ["aiod/_engine.c"], extra_compile_args=${flags:-[]})])
+EOF
 fi
 # Debian's own python3, not one earlier on PATH (pyenv, a venv): the package
 # runs on /usr/bin/python3 and is built against it.

@@ -18,7 +18,7 @@
 # now are disabled afterwards.
 set -eu
 BUILD="libsystemd-dev pkg-config gcc python3-venv python3-dev"
-DEB="debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel dpkg-dev"
+DEB="debhelper dh-python pybuild-plugin-pyproject python3-all python3-all-dev python3-setuptools python3-wheel dpkg-dev"
 TEST="fio prometheus fuse3 libfuse3-3 systemd-container debootstrap e2fsprogs util-linux lintian $DEB"
 optional=0
 case "${1:-}" in

@@ -103,7 +103,10 @@ def built_deb() -> Iterator[Path]:
 
 
 def test_deb_is_named_and_versioned_for_aiod(built_deb: Path) -> None:
-    assert built_deb.name == f"aiod_{aiod.__version__}_all.deb"
+    # Architecture: any, since the compiled engine is a CPython extension.
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert built_deb.name == f"aiod_{aiod.__version__}_{arch}.deb"
 
 
 def test_deb_installs_the_unit_config_man_page_and_sysctl_example(built_deb: Path) -> None:
@@ -151,3 +154,9 @@ def test_deb_is_lintian_clean(built_deb: Path) -> None:
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not [ln for ln in r.stdout.splitlines() if ln[:2] in ("E:", "W:")], r.stdout
+
+
+def test_deb_carries_the_compiled_engine(built_deb: Path) -> None:
+    listing = subprocess.run(["dpkg-deb", "-c", str(built_deb)], capture_output=True,
+                             text=True, check=True).stdout
+    assert re.search(r"/dist-packages/aiod/_engine\.cpython-[^ ]+\.so$", listing, re.M), listing

@@ -52,7 +52,7 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="session")
 def aiod_deb(container_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """aiod_<version>_all.deb built from the tree under test, once per session."""
+    """aiod_<version>_<arch>.deb built from the tree under test, once per session."""
     return packages.build_deb(tmp_path_factory.mktemp("deb"))
 
 

@@ -24,7 +24,7 @@ def version() -> str:
 
 
 def build_deb(out: Path) -> Path:
-    """aiod_<version>_all.deb, built by deploy/build-deb.sh into ``out``.
+    """aiod_<version>_<arch>.deb, built by deploy/build-deb.sh into ``out``.
 
     Installs the Debian build packages first when they are missing (root
     only; `make test` has installed them already).
@@ -38,7 +38,7 @@ def build_deb(out: Path) -> Path:
     if r.returncode != 0:
         raise RuntimeError(f"deploy/build-deb.sh failed ({r.returncode}):\n"
                            f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    (deb,) = out.glob("aiod_*_all.deb")
+    (deb,) = out.glob("aiod_*.deb")
     return deb
 
 
