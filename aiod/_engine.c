@@ -20,12 +20,15 @@
  * Setup and destroy of the context itself stay in aiod.aio (ctypes).
  */
 #define PY_SSIZE_T_CLEAN
+/* The stable ABI of 3.11: one build serves every later CPython (Debian 12's
+ * 3.11 and 13's 3.13 alike). */
+#define Py_LIMITED_API 0x030B0000
 #include <Python.h>
-#include <structmember.h>
 
 #include <errno.h>
 #include <linux/aio_abi.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -72,6 +75,14 @@ static inline long sys_cancel(aio_context_t ctx, struct iocb *cb, struct io_even
     return syscall(SYS_io_cancel, ctx, cb, ev);
 }
 
+/* Heap types (the stable ABI has no static ones): free, then drop the type. */
+static void free_self(PyObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    freefunc f = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    f(self);
+    Py_DECREF(tp);
+}
+
 /* ============================================================ Accounting */
 typedef struct {
     uint64_t submitted, completed, cancelled, failed, shorts, in_flight, bytes;
@@ -92,12 +103,12 @@ typedef struct {
     int nbounds;
 } Accounting;
 
-static PyTypeObject AccountingType;
+static PyObject *AccountingType;
 
 static void row_free(Row *r) {
-    PyMem_RawFree(r->buckets);
-    PyMem_RawFree(r->fine_clat);
-    PyMem_RawFree(r->fine_lat);
+    free(r->buckets);
+    free(r->fine_clat);
+    free(r->fine_lat);
     memset(r, 0, sizeof *r);
 }
 
@@ -105,13 +116,13 @@ static int Accounting_init(Accounting *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"bounds_ns", NULL};
     PyObject *bounds;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O", kwlist, &bounds)) return -1;
-    PyObject *seq = PySequence_Fast(bounds, "bounds_ns must be a sequence of ints");
+    PyObject *seq = PySequence_Tuple(bounds);
     if (!seq) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    self->bounds = PyMem_RawCalloc(n ? n : 1, sizeof(int64_t));
+    Py_ssize_t n = PyTuple_Size(seq);
+    self->bounds = calloc(n ? n : 1, sizeof(int64_t));
     if (!self->bounds) { Py_DECREF(seq); PyErr_NoMemory(); return -1; }
     for (Py_ssize_t i = 0; i < n; i++) {
-        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        long long v = PyLong_AsLongLong(PyTuple_GetItem(seq, i));
         if (v == -1 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
         if (i && v <= self->bounds[i - 1]) {
             Py_DECREF(seq);
@@ -127,9 +138,9 @@ static int Accounting_init(Accounting *self, PyObject *args, PyObject *kw) {
 
 static void Accounting_dealloc(Accounting *self) {
     for (Py_ssize_t i = 0; i < self->nrows; i++) row_free(&self->rows[i]);
-    PyMem_RawFree(self->rows);
-    PyMem_RawFree(self->bounds);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    free(self->rows);
+    free(self->bounds);
+    free_self((PyObject *)self);
 }
 
 static PyObject *Accounting_add_row(Accounting *self, PyObject *args, PyObject *kw) {
@@ -142,7 +153,7 @@ static PyObject *Accounting_add_row(Accounting *self, PyObject *args, PyObject *
     if (idx < 0) {
         if (self->nrows == self->cap) {
             Py_ssize_t cap = self->cap ? self->cap * 2 : 8;
-            Row *r = PyMem_RawRealloc(self->rows, cap * sizeof(Row));
+            Row *r = realloc(self->rows, cap * sizeof(Row));
             if (!r) return PyErr_NoMemory();
             memset(r + self->cap, 0, (cap - self->cap) * sizeof(Row));
             self->rows = r;
@@ -152,10 +163,10 @@ static PyObject *Accounting_add_row(Accounting *self, PyObject *args, PyObject *
     }
     Row *r = &self->rows[idx];
     memset(r, 0, sizeof *r);
-    r->buckets = PyMem_RawCalloc(self->nbounds + 1, sizeof(uint64_t));
+    r->buckets = calloc(self->nbounds + 1, sizeof(uint64_t));
     if (fine) {
-        r->fine_clat = PyMem_RawCalloc(FINE_N, sizeof(uint64_t));
-        r->fine_lat = PyMem_RawCalloc(FINE_N, sizeof(uint64_t));
+        r->fine_clat = calloc(FINE_N, sizeof(uint64_t));
+        r->fine_lat = calloc(FINE_N, sizeof(uint64_t));
     }
     if (!r->buckets || (fine && (!r->fine_clat || !r->fine_lat))) {
         row_free(r);
@@ -206,7 +217,7 @@ static PyObject *row_to_dict(const Row *c, const uint64_t *buckets, int nb) {
     for (int i = 0; i <= nb; i++) {
         PyObject *v = PyLong_FromUnsignedLongLong(buckets[i]);
         if (!v) { Py_DECREF(bt); Py_DECREF(failed); return NULL; }
-        PyTuple_SET_ITEM(bt, i, v);
+        PyTuple_SetItem(bt, i, v);
     }
     PyObject *last = c->last_completion > 0 ? PyFloat_FromDouble(c->last_completion)
                                             : (Py_INCREF(Py_None), Py_None);
@@ -230,9 +241,9 @@ static PyObject *row_to_dict(const Row *c, const uint64_t *buckets, int nb) {
 static PyObject *Accounting_snapshot(Accounting *self, PyObject *Py_UNUSED(ignored)) {
     Py_ssize_t n = self->nrows;
     int nb = self->nbounds;
-    Row *copy = PyMem_RawMalloc((n ? n : 1) * sizeof(Row));
-    uint64_t *bk = PyMem_RawMalloc((n ? n : 1) * (nb + 1) * sizeof(uint64_t));
-    if (!copy || !bk) { PyMem_RawFree(copy); PyMem_RawFree(bk); return PyErr_NoMemory(); }
+    Row *copy = malloc((n ? n : 1) * sizeof(Row));
+    uint64_t *bk = malloc((n ? n : 1) * (nb + 1) * sizeof(uint64_t));
+    if (!copy || !bk) { free(copy); free(bk); return PyErr_NoMemory(); }
     /* No Python call between here and the end of the copy. */
     for (Py_ssize_t i = 0; i < n; i++) {
         copy[i] = self->rows[i];
@@ -246,8 +257,8 @@ static PyObject *Accounting_snapshot(Accounting *self, PyObject *Py_UNUSED(ignor
         if (!d || !k || PyDict_SetItem(out, k, d) < 0) Py_CLEAR(out);
         Py_XDECREF(d); Py_XDECREF(k);
     }
-    PyMem_RawFree(copy);
-    PyMem_RawFree(bk);
+    free(copy);
+    free(bk);
     return out;
 }
 
@@ -275,12 +286,12 @@ static PyObject *Accounting_fine(Accounting *self, PyObject *arg) {
         PyErr_Format(PyExc_ValueError, "row %zd keeps no fine histogram", i);
         return NULL;
     }
-    uint64_t *c = PyMem_RawMalloc(2 * FINE_N * sizeof(uint64_t));
+    uint64_t *c = malloc(2 * FINE_N * sizeof(uint64_t));
     if (!c) return PyErr_NoMemory();
     memcpy(c, r->fine_clat, FINE_N * sizeof(uint64_t));
     memcpy(c + FINE_N, r->fine_lat, FINE_N * sizeof(uint64_t));
     PyObject *a = fine_dict(c), *b = a ? fine_dict(c + FINE_N) : NULL;
-    PyMem_RawFree(c);
+    free(c);
     if (!b) { Py_XDECREF(a); return NULL; }
     return Py_BuildValue("(NN)", a, b);
 }
@@ -306,17 +317,18 @@ static PyGetSetDef Accounting_getset[] = {
     {NULL}
 };
 
-static PyTypeObject AccountingType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "aiod._engine.Accounting",
-    .tp_basicsize = sizeof(Accounting),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Accounting(bounds_ns): per-(job, op) counters and histograms in C arrays.",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Accounting_init,
-    .tp_dealloc = (destructor)Accounting_dealloc,
-    .tp_methods = Accounting_methods,
-    .tp_getset = Accounting_getset,
+static PyType_Slot Accounting_slots[] = {
+    {Py_tp_doc, (void *)("Accounting(bounds_ns): per-(job, op) counters and histograms in C arrays.")},
+    {Py_tp_new, (void *)PyType_GenericNew},
+    {Py_tp_init, (void *)Accounting_init},
+    {Py_tp_dealloc, (void *)Accounting_dealloc},
+    {Py_tp_methods, Accounting_methods},
+    {Py_tp_getset, Accounting_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Accounting_spec = {
+    "aiod._engine.Accounting", sizeof(Accounting), 0, Py_TPFLAGS_DEFAULT, Accounting_slots,
 };
 
 /* ================================================================= OpSet */
@@ -353,7 +365,7 @@ typedef struct OpSet {
     uint64_t notes_dropped;
 } OpSet;
 
-static PyTypeObject OpSetType;
+static PyObject *OpSetType;
 
 static inline uint64_t next_rand(uint64_t *s) {    /* splitmix64 */
     uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
@@ -371,7 +383,7 @@ static int OpSet_init(OpSet *self, PyObject *args, PyObject *kw) {
     unsigned long long nblocks = 0, bs = 0, seed = 0;
     double mix = 0.0;
     unsigned int depth = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n|sKKKdI", kwlist, &AccountingType, &acct,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!n|sKKKdI", kwlist, (PyTypeObject *)AccountingType, &acct,
                                      &cap, &pattern, &nblocks, &bs, &seed, &mix, &depth))
         return -1;
     if (cap < 1 || cap > (1 << 24)) {
@@ -390,10 +402,10 @@ static int OpSet_init(OpSet *self, PyObject *args, PyObject *kw) {
     Py_INCREF(acct);
     self->acct = (Accounting *)acct;
     self->cap = (uint32_t)cap;
-    self->ops = PyMem_RawCalloc(cap, sizeof(Op));
-    self->free[0] = PyMem_RawMalloc(cap * sizeof(uint32_t));
-    self->free[1] = PyMem_RawMalloc(cap * sizeof(uint32_t));
-    self->notes = PyMem_RawMalloc(MAX_NOTES * sizeof(Note));
+    self->ops = calloc(cap, sizeof(Op));
+    self->free[0] = malloc(cap * sizeof(uint32_t));
+    self->free[1] = malloc(cap * sizeof(uint32_t));
+    self->notes = malloc(MAX_NOTES * sizeof(Note));
     self->owners = PyList_New(0);
     if (!self->ops || !self->free[0] || !self->free[1] || !self->notes || !self->owners) {
         PyErr_NoMemory();
@@ -409,13 +421,13 @@ static int OpSet_init(OpSet *self, PyObject *args, PyObject *kw) {
 
 static void OpSet_dealloc(OpSet *self) {
     /* Never reached with ops in flight: each in-flight op holds a reference. */
-    PyMem_RawFree(self->ops);
-    PyMem_RawFree(self->free[0]);
-    PyMem_RawFree(self->free[1]);
-    PyMem_RawFree(self->notes);
+    free(self->ops);
+    free(self->free[0]);
+    free(self->free[1]);
+    free(self->notes);
     Py_XDECREF(self->owners);
-    Py_XDECREF(self->acct);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    Py_XDECREF((PyObject *)self->acct);
+    free_self((PyObject *)self);
 }
 
 /* add(opcode, fd, buf, nbytes, row, cls=0, offset=0, rw_flags=0, owner=None) -> index */
@@ -465,7 +477,7 @@ static PyObject *OpSet_take_notes(OpSet *self, PyObject *Py_UNUSED(ignored)) {
         Note *n = &self->notes[i];
         PyObject *t = Py_BuildValue("(IsL)", n->index, kinds[n->kind], (long long)n->value);
         if (!t) { Py_DECREF(l); return NULL; }
-        PyList_SET_ITEM(l, i, t);
+        PyList_SetItem(l, i, t);
     }
     unsigned long long dropped = self->notes_dropped;
     self->nnotes = 0;
@@ -545,18 +557,19 @@ static PyGetSetDef OpSet_getset[] = {
     {NULL}
 };
 
-static PyTypeObject OpSetType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "aiod._engine.OpSet",
-    .tp_basicsize = sizeof(OpSet),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "OpSet(accounting, capacity, pattern='fixed', nblocks=0, block_size=0, seed=0, "
-              "mix=0.0, depth=0): a job's preallocated ops and how their offsets are chosen.",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)OpSet_init,
-    .tp_dealloc = (destructor)OpSet_dealloc,
-    .tp_methods = OpSet_methods,
-    .tp_getset = OpSet_getset,
+static PyType_Slot OpSet_slots[] = {
+    {Py_tp_doc, (void *)("OpSet(accounting, capacity, pattern='fixed', nblocks=0, block_size=0, seed=0, "
+              "mix=0.0, depth=0): a job's preallocated ops and how their offsets are chosen.")},
+    {Py_tp_new, (void *)PyType_GenericNew},
+    {Py_tp_init, (void *)OpSet_init},
+    {Py_tp_dealloc, (void *)OpSet_dealloc},
+    {Py_tp_methods, OpSet_methods},
+    {Py_tp_getset, OpSet_getset},
+    {0, NULL},
+};
+
+static PyType_Spec OpSet_spec = {
+    "aiod._engine.OpSet", sizeof(OpSet), 0, Py_TPFLAGS_DEFAULT, OpSet_slots,
 };
 
 /* ================================================================== Ring */
@@ -582,7 +595,7 @@ typedef struct Ring {
     uint64_t user_reaped, sys_reaped;
 } Ring;
 
-static PyTypeObject RingType;
+static PyObject *RingType;
 
 static int Ring_init(Ring *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"ctx_id", "nr_events", "eventfd", "user_reap", NULL};
@@ -596,9 +609,9 @@ static int Ring_init(Ring *self, PyObject *args, PyObject *kw) {
     self->efd = efd;
     self->head.next = self->head.prev = &self->head;
     self->evcap = nr < 16 ? 16 : (nr > 65536 ? 65536 : nr);
-    self->events = PyMem_RawMalloc(self->evcap * sizeof(struct io_event));
+    self->events = malloc(self->evcap * sizeof(struct io_event));
     self->ptrcap = self->evcap;
-    self->ptrs = PyMem_RawMalloc(self->ptrcap * sizeof(struct iocb *));
+    self->ptrs = malloc(self->ptrcap * sizeof(struct iocb *));
     if (!self->events || !self->ptrs) { PyErr_NoMemory(); return -1; }
     if (user) {
         /* The ring is mapped at the context's id. Trust it only when it says so. */
@@ -616,10 +629,10 @@ static void Ring_dealloc(Ring *self) {
     /* Ops still listed were never accounted (account_lost() was not called)
      * and the kernel may still write into their buffers: their OpSets (and
      * so the buffers) are deliberately kept alive. */
-    PyMem_RawFree(self->events);
-    PyMem_RawFree(self->ptrs);
-    PyMem_RawFree(self->pending);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    free(self->events);
+    free(self->ptrs);
+    free(self->pending);
+    free_self((PyObject *)self);
 }
 
 static int enter(Ring *self) {
@@ -669,7 +682,7 @@ static int do_submit_ix(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets
     if (n > avail) n = avail;
     if (n == 0) return 0;
     if (n > self->ptrcap) {
-        struct iocb **p = PyMem_RawRealloc(self->ptrs, n * sizeof(struct iocb *));
+        struct iocb **p = realloc(self->ptrs, n * sizeof(struct iocb *));
         if (!p) { PyErr_NoMemory(); return -1; }
         self->ptrs = p;
         self->ptrcap = n;
@@ -737,7 +750,7 @@ static int do_submit_ix(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets
             if (err == EAGAIN || err == EINTR) { stop = i; break; }
             /* The kernel refused ptrs[i] with err: mark it and go on after it. */
             if (!errs) {
-                errs = PyMem_RawCalloc(n, sizeof(int));
+                errs = calloc(n, sizeof(int));
                 if (!errs) { stop = i; break; }   /* hand the rest back */
             }
             errs[i] = err;
@@ -781,7 +794,7 @@ static int do_submit_ix(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets
         out->unsubmitted++;
     }
     out->rejected = bad;
-    PyMem_RawFree(errs);
+    free(errs);
     return 0;
 }
 
@@ -855,7 +868,7 @@ static void classify(Ring *self, struct io_event *ev, uint32_t got, ReapOut *out
 
 static int reserve_drop(OpSet ***q, uint32_t *cap, uint32_t need) {
     if (need <= *cap) return 0;
-    OpSet **n = PyMem_RawRealloc(*q, need * sizeof(OpSet *));
+    OpSet **n = realloc(*q, need * sizeof(OpSet *));
     if (!n) { PyErr_NoMemory(); return -1; }
     *q = n;
     *cap = need;
@@ -917,7 +930,7 @@ static int do_reap(Ring *self, uint32_t min_nr, uint32_t max_nr, double timeout,
                         classify(self, self->events, got, out, detail, &dropq, &ndrop);
                 }
                 for (uint32_t k = 0; k < ndrop; k++) Py_DECREF((PyObject *)dropq[k]);
-                PyMem_RawFree(dropq);
+                free(dropq);
                 errno = err;
                 PyErr_SetFromErrno(PyExc_OSError);
                 return -1;
@@ -932,7 +945,7 @@ static int do_reap(Ring *self, uint32_t min_nr, uint32_t max_nr, double timeout,
         classify(self, self->events, got, out, detail, &dropq, &ndrop);
     }
     for (uint32_t k = 0; k < ndrop; k++) Py_DECREF((PyObject *)dropq[k]);
-    PyMem_RawFree(dropq);
+    free(dropq);
     return 0;
 }
 
@@ -958,37 +971,37 @@ static PyObject *Ring_submit(Ring *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"opset", "n", "offsets", "indices", NULL};
     PyObject *set, *offs = Py_None, *idx = Py_None;
     unsigned int n;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!I|OO", kwlist, &OpSetType, &set, &n, &offs, &idx))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!I|OO", kwlist, (PyTypeObject *)OpSetType, &set, &n, &offs, &idx))
         return NULL;
     uint32_t *ix = NULL;
     if (idx != Py_None) {
-        PyObject *seq = PySequence_Fast(idx, "indices must be a sequence of ints");
+        PyObject *seq = PySequence_Tuple(idx);
         if (!seq) return NULL;
-        Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+        Py_ssize_t m = PyTuple_Size(seq);
         if ((uint64_t)m != n) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "len(indices) != n"); return NULL; }
-        ix = PyMem_RawMalloc((m ? m : 1) * sizeof(uint32_t));
+        ix = malloc((m ? m : 1) * sizeof(uint32_t));
         if (!ix) { Py_DECREF(seq); return PyErr_NoMemory(); }
         for (Py_ssize_t k = 0; k < m; k++) {
-            long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, k));
+            long v = PyLong_AsLong(PyTuple_GetItem(seq, k));
             if (v < 0) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad index");
-                         Py_DECREF(seq); PyMem_RawFree(ix); return NULL; }
+                         Py_DECREF(seq); free(ix); return NULL; }
             ix[k] = (uint32_t)v;
         }
         Py_DECREF(seq);
         if (n > ready((OpSet *)set)) {
-            PyMem_RawFree(ix);
+            free(ix);
             PyErr_SetString(PyExc_ValueError, "more indices than ops ready (depth)");
             return NULL;
         }
     }
     Py_buffer view;
     int has = get_offsets(offs, &view, n);
-    if (has < 0) { PyMem_RawFree(ix); return NULL; }
-    if (enter(self) < 0) { if (has) PyBuffer_Release(&view); PyMem_RawFree(ix); return NULL; }
+    if (has < 0) { free(ix); return NULL; }
+    if (enter(self) < 0) { if (has) PyBuffer_Release(&view); free(ix); return NULL; }
     SubmitOut so;
     int rc = do_submit_ix(self, (OpSet *)set, n, has ? (const int64_t *)view.buf : NULL, ix, &so);
     self->busy = 0;
-    PyMem_RawFree(ix);
+    free(ix);
     if (has) PyBuffer_Release(&view);
     if (rc < 0) return NULL;
     return Py_BuildValue("(KKKi)", (unsigned long long)so.ok, (unsigned long long)so.rejected,
@@ -1035,7 +1048,7 @@ static PyObject *Ring_cycle(Ring *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"opset", "min_nr", "timeout", "batch", NULL};
     PyObject *set, *tobj = Py_None;
     unsigned int min_nr = 1, batch = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|IOI", kwlist, &OpSetType, &set, &min_nr,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|IOI", kwlist, (PyTypeObject *)OpSetType, &set, &min_nr,
                                      &tobj, &batch))
         return NULL;
     double timeout = -1;
@@ -1084,7 +1097,7 @@ static int cancel_one(Ring *self, Op *op) {
         /* Older kernels hand the completion back here instead of via the ring. */
         if (self->npending == self->pendcap) {
             uint32_t cap = self->pendcap ? self->pendcap * 2 : 16;
-            struct io_event *p = PyMem_RawRealloc(self->pending, cap * sizeof *p);
+            struct io_event *p = realloc(self->pending, cap * sizeof *p);
             if (!p) { PyErr_NoMemory(); return -1; }
             self->pending = p;
             self->pendcap = cap;
@@ -1103,7 +1116,7 @@ static int cancel_one(Ring *self, Op *op) {
 static PyObject *Ring_cancel(Ring *self, PyObject *args) {
     PyObject *set;
     unsigned int index;
-    if (!PyArg_ParseTuple(args, "O!I", &OpSetType, &set, &index)) return NULL;
+    if (!PyArg_ParseTuple(args, "O!I", (PyTypeObject *)OpSetType, &set, &index)) return NULL;
     OpSet *s = (OpSet *)set;
     if (index >= s->n) { PyErr_SetString(PyExc_IndexError, "no such op"); return NULL; }
     Op *op = &s->ops[index];
@@ -1137,7 +1150,7 @@ static PyObject *Ring_account_lost(Ring *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &keep)) return NULL;
     if (self->busy) { PyErr_SetString(PyExc_RuntimeError, "Ring used from two threads at once"); return NULL; }
     uint32_t n = self->in_flight;
-    OpSet **dropq = PyMem_RawMalloc((n ? n : 1) * sizeof(OpSet *));
+    OpSet **dropq = malloc((n ? n : 1) * sizeof(OpSet *));
     if (!dropq) return PyErr_NoMemory();
     uint32_t nd = 0;
     /* ops whose completion io_cancel handed back are still listed */
@@ -1165,7 +1178,7 @@ static PyObject *Ring_account_lost(Ring *self, PyObject *args, PyObject *kw) {
     self->closed = 1;
     if (!keep)
         for (uint32_t k = 0; k < nd; k++) Py_DECREF((PyObject *)dropq[k]);
-    PyMem_RawFree(dropq);
+    free(dropq);
     return PyLong_FromUnsignedLong(nd);
 }
 
@@ -1214,18 +1227,19 @@ static PyGetSetDef Ring_getset[] = {
     {NULL}
 };
 
-static PyTypeObject RingType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "aiod._engine.Ring",
-    .tp_basicsize = sizeof(Ring),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Ring(ctx_id, nr_events, eventfd=-1, user_reap=False): submit and reap on one "
-              "kernel AIO context.",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Ring_init,
-    .tp_dealloc = (destructor)Ring_dealloc,
-    .tp_methods = Ring_methods,
-    .tp_getset = Ring_getset,
+static PyType_Slot Ring_slots[] = {
+    {Py_tp_doc, (void *)("Ring(ctx_id, nr_events, eventfd=-1, user_reap=False): submit and reap on one "
+              "kernel AIO context.")},
+    {Py_tp_new, (void *)PyType_GenericNew},
+    {Py_tp_init, (void *)Ring_init},
+    {Py_tp_dealloc, (void *)Ring_dealloc},
+    {Py_tp_methods, Ring_methods},
+    {Py_tp_getset, Ring_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Ring_spec = {
+    "aiod._engine.Ring", sizeof(Ring), 0, Py_TPFLAGS_DEFAULT, Ring_slots,
 };
 
 /* ================================================================ module */
@@ -1245,17 +1259,18 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__engine(void) {
-    if (PyType_Ready(&AccountingType) < 0 || PyType_Ready(&OpSetType) < 0 ||
-        PyType_Ready(&RingType) < 0)
-        return NULL;
+    AccountingType = PyType_FromSpec(&Accounting_spec);
+    OpSetType = AccountingType ? PyType_FromSpec(&OpSet_spec) : NULL;
+    RingType = OpSetType ? PyType_FromSpec(&Ring_spec) : NULL;
+    if (!RingType) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
-    Py_INCREF(&AccountingType);
-    Py_INCREF(&OpSetType);
-    Py_INCREF(&RingType);
-    if (PyModule_AddObject(m, "Accounting", (PyObject *)&AccountingType) < 0 ||
-        PyModule_AddObject(m, "OpSet", (PyObject *)&OpSetType) < 0 ||
-        PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0 ||
+    Py_INCREF(AccountingType);
+    Py_INCREF(OpSetType);
+    Py_INCREF(RingType);
+    if (PyModule_AddObject(m, "Accounting", AccountingType) < 0 ||
+        PyModule_AddObject(m, "OpSet", OpSetType) < 0 ||
+        PyModule_AddObject(m, "Ring", RingType) < 0 ||
         PyModule_AddIntConstant(m, "FINE_BUCKETS", FINE_N) < 0 ||
         PyModule_AddIntConstant(m, "ERRNO_SLOTS", NERR) < 0) {
         Py_DECREF(m);

@@ -41,7 +41,8 @@ if dpkg --compare-versions "$setuptools" lt 74; then
     sed -i '/^ext-modules = \[/,/^\]/d' "$src/pyproject.toml"
     cat >"$src/setup.py" <<EOF
 from setuptools import Extension, setup
-setup(ext_modules=[Extension("aiod._engine", ["aiod/_engine.c"], extra_compile_args=${flags:-[]})])
+setup(ext_modules=[Extension("aiod._engine", ["aiod/_engine.c"], py_limited_api=True,
+                             extra_compile_args=${flags:-[]})])
 EOF
 fi
 # Debian's own python3, not one earlier on PATH (pyenv, a venv): the package
