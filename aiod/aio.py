@@ -22,15 +22,33 @@ import mmap
 import os
 import platform
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Self
 
 __all__ = [
-    "AioError", "Buffer", "Context", "IOCB", "IoEvent", "Op", "SubmitResult",
-    "aligned_buffer", "fdsync", "fsync", "io_cancel", "io_destroy",
-    "io_getevents", "io_setup", "io_submit", "poll", "read", "readv",
-    "system_aio_usage", "write", "writev",
+    "IOCB",
+    "AioError",
+    "Buffer",
+    "Context",
+    "IoEvent",
+    "Op",
+    "SubmitResult",
+    "aligned_buffer",
+    "fdsync",
+    "fsync",
+    "io_cancel",
+    "io_destroy",
+    "io_getevents",
+    "io_setup",
+    "io_submit",
+    "poll",
+    "read",
+    "readv",
+    "system_aio_usage",
+    "write",
+    "writev",
 ]
 
 # --- opcodes and flags (linux/aio_abi.h, linux/fs.h) -------------------------
@@ -179,7 +197,7 @@ def io_destroy(ctx_id: int) -> None:
 
 def io_submit(ctx_id: int, nr: int, iocbpp: int) -> int:
     """Submit nr iocbs from the pointer array at address iocbpp; return how many went in."""
-    n = _sys_submit(NR_IO_SUBMIT, ctx_id, nr, iocbpp)
+    n: int = _sys_submit(NR_IO_SUBMIT, ctx_id, nr, iocbpp)
     if n < 0:
         raise _fail("io_submit")
     return n
@@ -195,7 +213,7 @@ def io_cancel(ctx_id: int, iocb_addr: int, result_addr: int) -> int:
 def io_getevents(ctx_id: int, min_nr: int, max_nr: int, events_addr: int,
                  timeout_addr: int | None) -> int:
     """Raw io_getevents into the io_event array at events_addr; returns the count."""
-    n = _sys_getevents(NR_IO_GETEVENTS, ctx_id, min_nr, max_nr, events_addr, timeout_addr)
+    n: int = _sys_getevents(NR_IO_GETEVENTS, ctx_id, min_nr, max_nr, events_addr, timeout_addr)
     if n < 0:
         raise _fail("io_getevents")
     return n
@@ -212,7 +230,7 @@ class Buffer:
 
     __slots__ = ("_map", "_parent", "address", "size", "view")
 
-    def __init__(self, size: int, *, _parent: "Buffer | None" = None, _offset: int = 0) -> None:
+    def __init__(self, size: int, *, _parent: Buffer | None = None, _offset: int = 0) -> None:
         if size <= 0:
             raise ValueError("buffer size must be positive")
         self._parent = _parent
@@ -227,7 +245,7 @@ class Buffer:
             self.address = _parent.address + _offset
         self.size = size
 
-    def slice(self, offset: int, size: int) -> "Buffer":
+    def slice(self, offset: int, size: int) -> Buffer:
         if offset < 0 or offset + size > self.size:
             raise ValueError("slice outside the buffer")
         return Buffer(size, _parent=self, _offset=offset)
@@ -276,11 +294,11 @@ class Op:
     ``res2`` hold the completion; ``tag`` is free for the layer above.
     """
 
-    __slots__ = ("iocb", "buffers", "_iov", "res", "res2", "tag", "__weakref__")
+    __slots__ = ("__weakref__", "_iov", "buffers", "iocb", "res", "res2", "tag")
 
     def __init__(self, opcode: int, fd: int, *, buf: int = 0, nbytes: int = 0,
                  offset: int = 0, buffers: tuple[Buffer, ...] = (), rw_flags: int = 0,
-                 iov: ctypes.Array | None = None) -> None:  # type: ignore[type-arg]
+                 iov: ctypes.Array[Any] | None = None) -> None:
         cb = IOCB()
         cb.aio_lio_opcode = opcode
         cb.aio_fildes = fd
@@ -424,7 +442,7 @@ class Context:
                 raise
 
     # -- context manager
-    def __enter__(self) -> "Context":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -541,7 +559,7 @@ class Context:
                 t.tv_nsec = int((timeout - int(timeout)) * 1e9)
                 self._timeout_value = timeout
             taddr = self._timeout_addr
-        got = _sys_getevents(NR_IO_GETEVENTS, self.id, min_nr if min_nr < cap else cap, cap,
+        got = _sys_getevents(NR_IO_GETEVENTS, self.id, min(cap, min_nr), cap,
                              self._events_addr, taddr)
         if got < 0:
             err = ctypes.get_errno()

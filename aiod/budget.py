@@ -20,8 +20,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -30,6 +30,7 @@ from aiod.config import Config, PoolConfig
 from aiod.headroom import CHECK_INTERVAL, Decision, HeadroomPolicy, room_problem
 from aiod.pool import Pool, PoolError
 from aiod.selfaudit import Expected, Leak, SelfAudit, own_rings
+from aiod.worker import Worker
 
 log = logging.getLogger("aiod.budget")
 
@@ -39,54 +40,6 @@ SCAN_STUCK = 60.0          # a scan still running after this long is reported, o
 
 HIDDEN_HINT = ("install the drop-in systemd/aiod.service.d-host-scan/host-scan.conf as "
                "/etc/systemd/system/aiod.service.d/host-scan.conf and restart aiod")
-
-
-class Worker:
-    """Runs one function at a time on a daemon thread; the loop starts it and polls.
-
-    A daemon thread, not an executor: a read stuck in the kernel must not
-    keep aiod from exiting.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._done = False
-        self._result: object = None
-        self._error: BaseException | None = None
-        self.started_at = 0.0
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None
-
-    def start(self, fn: Callable[[], object], now: float) -> bool:
-        if self._thread is not None:
-            return False
-
-        def run() -> None:
-            try:
-                result, error = fn(), None
-            except BaseException as e:  # handed to the loop, never raised in the thread
-                result, error = None, e
-            with self._lock:
-                self._result, self._error, self._done = result, error, True
-
-        self.started_at = now
-        self._done = False
-        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
-        self._thread.start()
-        return True
-
-    def poll(self) -> tuple[bool, object, BaseException | None]:
-        """(finished, result, error); a finished job frees the worker."""
-        with self._lock:
-            if not self._done:
-                return False, None, None
-            self._thread = None
-            self._done = False
-            return True, self._result, self._error
 
 
 @dataclass

@@ -10,11 +10,19 @@ import os
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aiod import __version__
-from aiod.exit_codes import (EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_SERVING, EXIT_OK,
-                             EXIT_TEMPFAIL, EXIT_UNREACHABLE, EXIT_USAGE)
+from aiod.exit_codes import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_NOT_SERVING,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
 from aiod.signals import SignalInbox
 
 if TYPE_CHECKING:
@@ -71,7 +79,7 @@ def smoke() -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
-def load_config(path: str | None) -> "Config | None":
+def load_config(path: str | None) -> Config | None:
     """The configuration, or None after printing one line per problem."""
     from aiod.config import ConfigError, load
     try:
@@ -137,6 +145,7 @@ def run(config_path: str | None, signals: SignalInbox) -> int:
 
 def status(url: str | None, config_path: str | None, as_json: bool, timeout: float) -> int:
     import json
+
     from aiod.status import BadAnswer, Unreachable, fetch, render, status_url
     if url is None:
         cfg = load_config(config_path)

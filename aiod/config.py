@@ -20,10 +20,11 @@ import math
 import os
 import re
 import stat
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -536,7 +537,7 @@ def default_state_directory(env: Mapping[str, str], home: Path | None = None) ->
 
 def _compose(text: str, source: str) -> Node | None:
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)  # type: ignore[no-any-return]
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -630,7 +631,7 @@ def parse(text: str, source: str, env: Mapping[str, str] | None = None,
                   host_scan=host_scan)
 
 
-def _host_scan(top: _Section, section: "_SectionFactory",
+def _host_scan(top: _Section, section: _SectionFactory,
                problems: _Problems) -> HostScanConfig | None:
     node = top.values.get("host_scan")
     if node is None:

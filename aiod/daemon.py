@@ -24,11 +24,13 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import cast
 
-from aiod import __version__, aio, config as config_mod, logs
+from aiod import __version__, aio, logs
+from aiod import config as config_mod
 from aiod.budget import Budget
 from aiod.config import Config, ConfigError, JobConfig
 from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
@@ -38,9 +40,11 @@ from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
 from aiod.signals import SignalInbox
-from aiod.status import DaemonInfo, RecentLatency, build as build_status
+from aiod.status import DaemonInfo, RecentLatency
+from aiod.status import build as build_status
 from aiod.targets import OwnedFiles, write_atomic
 from aiod.teardown import Step, TeardownCounts
+from aiod.worker import Worker
 
 log = logging.getLogger("aiod.daemon")
 
@@ -96,9 +100,16 @@ class Daemon:
                  env: Mapping[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 signals: SignalInbox | None = None) -> None:
+                 signals: SignalInbox | None = None,
+                 load_config: Callable[[str | None, Mapping[str, str]], Config] | None = None
+                 ) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        # Reading and parsing the file at reload runs on this worker (a 1 MiB
+        # YAML takes seconds); the loop applies the result when it is done.
+        self._load_config = load_config or (lambda path, env: config_mod.load(path, env=env))
+        self._parser = Worker("aiod-reload")
+        self._reload_again = False
         self.env = os.environ if env is None else env
         self.notifier = notifier or Notifier(env=self.env)
         self.procfs_root = procfs_root
@@ -118,7 +129,7 @@ class Daemon:
         self._registry = make_registry(self)
         # The host's AIO budget: headroom yields, self-audit, host scan (aiod.budget).
         self.budget = Budget(cfg, procfs_root=procfs_root, clock=clock)
-        self._registry.register(self.budget)  # type: ignore[arg-type]
+        self._registry.register(self.budget)
         self._heartbeat = clock()
         self._reload_ok = True
         self._reload_ts = 0.0
@@ -273,7 +284,7 @@ class Daemon:
                     log.info("received %s: shutting down", signal.Signals(sig).name)
                     return sig
                 if sig == signal.SIGHUP:
-                    self.reload()
+                    self.request_reload()
             now = self.clock()
             for job in list(self.jobs.values()):
                 job.pump(now)
@@ -344,6 +355,8 @@ class Daemon:
                 self._forget_job(job)
         if self._retiring_pools and self.phase is Phase.SERVING:
             self._retire_pools()  # during shutdown, shutdown owns them
+        if self._parser.busy and self.phase is Phase.SERVING:
+            self.poll_reload()
 
     def _forget_job(self, job: Job) -> None:
         if job.name not in self.jobs:  # removed, not restarted under the same name
@@ -372,24 +385,58 @@ class Daemon:
         self._ended_pools[snap.name] = snap if before is None else before.merged(snap)
 
     # ================================================================= reload
-    def reload(self) -> bool:
-        """SIGHUP: load the config again and apply it; a bad one changes nothing."""
+    def request_reload(self) -> None:
+        """SIGHUP: start reading the config again on a worker; the loop keeps
+        turning, and applies it once parsed (poll_reload)."""
+        if self._parser.busy:
+            self._reload_again = True
+            log.info("SIGHUP while the configuration is still being read: it will be read "
+                     "again once this reload is done")
+            return
         self.notifier.reloading()
-        source = self.config_path or "the default configuration"
         self._reload_attempt_ts = self.wall()
-        log.info("reloading configuration from %s", source)
+        log.info("reloading configuration from %s",
+                 self.config_path or "the default configuration")
+        path, env = self.config_path, self.env
+        self._parser.start(lambda: self._load_config(path, env), self.clock())
+
+    def poll_reload(self) -> bool | None:
+        """Apply the parsed config if the worker is done: True when the reload
+        worked, False when it failed, None while the file is still being read."""
+        done, new, error = self._parser.poll()
+        if not done:
+            return None
         try:
-            new = config_mod.load(self.config_path, env=self.env)
-            self._apply(new)
+            if error is not None:
+                raise error
+            self._apply(cast(Config, new))
         except (ConfigError, StartupError, PoolError, OSError) as e:
-            self._reload_ok = False
-            first = str(e).splitlines()
-            self._reload_error = "; ".join(first) or type(e).__name__
-            for line in first:
-                log.error("reload failed, keeping the running configuration: %s", line)
-            self.notifier.ready(f"reload failed ({first[0] if first else e}); "
-                                f"{self._status_line()}")
-            return False
+            ok = self._reload_failed(e)
+        else:
+            ok = self._reload_done()
+        if self._reload_again:
+            self._reload_again = False
+            self.request_reload()
+        return ok
+
+    def reload(self) -> bool:
+        """The whole reload, waiting for the parse; for callers outside the loop."""
+        self.request_reload()
+        while (ok := self.poll_reload()) is None:
+            time.sleep(0.005)
+        return ok
+
+    def _reload_failed(self, e: BaseException) -> bool:
+        self._reload_ok = False
+        first = str(e).splitlines()
+        self._reload_error = "; ".join(first) or type(e).__name__
+        for line in first:
+            log.error("reload failed, keeping the running configuration: %s", line)
+        self.notifier.ready(f"reload failed ({first[0] if first else e}); "
+                            f"{self._status_line()}")
+        return False
+
+    def _reload_done(self) -> bool:
         self._reload_ok = True
         self._reload_error = None
         self._reload_ts = self.wall()
@@ -516,6 +563,8 @@ class Daemon:
 
     def _stop_submitting(self) -> None:
         self.phase = Phase.DRAINING
+        if self._parser.busy:
+            log.info("shutting down: the reload still reading the configuration is abandoned")
         self.notifier.stopping(f"stopping: draining {self._in_flight()} operations")
         for job in list(self.jobs.values()) + self._stopping_jobs:
             job.stop()
@@ -523,7 +572,7 @@ class Daemon:
         for pool in self._all_pools():
             pool.retire(sd.drain_timeout, sd.destroy_timeout)
 
-    def _turn_while(self, step: Step, phase: Phase, run: "_Stopping") -> tuple[float, int]:
+    def _turn_while(self, step: Step, phase: Phase, run: _Stopping) -> tuple[float, int]:
         """Turn the loop until no context is on this teardown step; returns the
         seconds it took and the ops reaped meanwhile."""
         self.phase = phase
@@ -546,7 +595,7 @@ class Daemon:
                 last_extend = now
             self._wait(self._next_deadline(now) - now)
 
-    def _signals_while_stopping(self, run: "_Stopping") -> None:
+    def _signals_while_stopping(self, run: _Stopping) -> None:
         for sig in self.signals.take():
             name = signal.Signals(sig).name
             if sig == signal.SIGHUP:
@@ -559,7 +608,7 @@ class Daemon:
             else:
                 log.info("%s while %s: already shutting down; ignored", name, self.phase.value)
 
-    def _log_drain(self, run: "_Stopping") -> None:
+    def _log_drain(self, run: _Stopping) -> None:
         remaining = sum(p.teardown_step(Step.CANCELLING) for p in self._all_pools())
         log.info("drain: %d operations finished in %.3fs%s", run.drained, run.drain_seconds,
                  " (second signal)" if run.hurried else
@@ -572,7 +621,7 @@ class Daemon:
             total = total.plus(pool.teardown_counts)
         return total
 
-    def _report(self, reason: str, run: "_Stopping") -> dict[str, object]:
+    def _report(self, reason: str, run: _Stopping) -> dict[str, object]:
         done = self._teardown_counts().minus(run.before)
         snaps = [p.snapshot() for p in self._all_pools()] + list(self._ended_pools.values())
         totals = _sum_totals(snaps)

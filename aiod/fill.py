@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from aiod.targets import FillCancelled, OwnedFiles, TargetError, fill_target
 
@@ -38,7 +38,7 @@ class Fill:
         # keep the process from exiting.
         self._thread = threading.Thread(target=self._run, name=f"aiod-fill-{name}", daemon=True)
 
-    def start(self) -> "Fill":
+    def start(self) -> Fill:
         self._thread.start()
         return self
 

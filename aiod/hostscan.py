@@ -32,9 +32,9 @@ import mmap
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 PAGE = mmap.PAGESIZE
 AIO_MARK = b"/[aio]"

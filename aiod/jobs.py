@@ -22,15 +22,24 @@ import os
 import random
 import select
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from aiod import aio
-from aiod.config import JobConfig, WRITE_OPS
+from aiod.accounting import OpTag, Outcome
+from aiod.config import WRITE_OPS, JobConfig
 from aiod.fill import Fill
 from aiod.logs import LogLimiter
-from aiod.pool import OpTag, Outcome, Pool, PoolClosed
-from aiod.targets import (OpenTarget, OwnedFiles, TargetCheck, TargetError, open_fifo,
-                          open_target, remove_stale_partial, target_missing)
+from aiod.pool import Pool, PoolClosed
+from aiod.targets import (
+    OpenTarget,
+    OwnedFiles,
+    TargetCheck,
+    TargetError,
+    open_fifo,
+    open_target,
+    remove_stale_partial,
+    target_missing,
+)
 
 log = logging.getLogger("aiod.jobs")
 

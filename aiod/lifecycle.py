@@ -16,8 +16,8 @@ import enum
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 class ContextState(str, enum.Enum):
@@ -168,7 +168,7 @@ class FoldedRecords:
     cancelled: int = 0
     failed: int = 0
 
-    def plus(self, other: "FoldedRecords") -> "FoldedRecords":
+    def plus(self, other: FoldedRecords) -> FoldedRecords:
         states = dict(self.by_state)
         for k, n in other.by_state.items():
             states[k] = states.get(k, 0) + n

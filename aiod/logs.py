@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, Hashable, Mapping, TextIO
+from collections.abc import Callable, Hashable, Mapping
+from typing import TextIO
 
 FIELDS = ("AIOD_POOL", "AIOD_JOB", "AIOD_CONTEXT", "AIOD_TARGET", "ERRNO")
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
@@ -56,7 +57,7 @@ def setup(level: str = "info", env: Mapping[str, str] | None = None,
 
 
 class _Window:
-    __slots__ = ("start", "count", "suppressed", "level", "what", "extra")
+    __slots__ = ("count", "extra", "level", "start", "suppressed", "what")
 
     def __init__(self, start: float) -> None:
         self.start = start

@@ -16,17 +16,22 @@ import http.server
 import socket
 import threading
 import time
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Protocol
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily, Metric)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from aiod import __version__
-from aiod.pool import LATENCY_BUCKETS, PoolSnapshot
-
+from aiod.accounting import LATENCY_BUCKETS
+from aiod.pool import PoolSnapshot
 
 # The states aiod_job_state shows (jobs.JobState's values; listed here so the
 # collector does not depend on the jobs module).
@@ -122,8 +127,8 @@ class AiodCollector:
                                         labels=["pool", "job", "op"], unit="")
         last_completion: dict[str, float] = {}
         for p in pools:
-            for state, n in p.contexts_by_state().items():
-                contexts.add_metric([p.name, state], n)
+            for ctx_state, n in p.contexts_by_state().items():
+                contexts.add_metric([p.name, ctx_state], n)
             in_flight.add_metric([p.name], p.in_flight)
             oldest.add_metric([p.name], p.oldest_in_flight_seconds)
             setups.add_metric([p.name], p.setups)
@@ -216,7 +221,7 @@ def _fmt(bound: float) -> str:
 def make_registry(source: Source) -> CollectorRegistry:
     """Our own registry: never the global one (tests would collide)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AiodCollector(source))  # type: ignore[arg-type]
+    registry.register(AiodCollector(source))
     return registry
 
 
@@ -358,7 +363,7 @@ class _Server(http.server.ThreadingHTTPServer):
             self.shutdown_request(request)
             return
         try:
-            super().process_request(request, client_address)  # type: ignore[arg-type]
+            super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
             raise
@@ -366,7 +371,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def process_request_thread(self, request: socket.socket,  # type: ignore[override]
                                client_address: object) -> None:
         try:
-            super().process_request_thread(request, client_address)  # type: ignore[arg-type]
+            super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
 
@@ -423,7 +428,7 @@ class MetricsServer:
             # waited for the client's delayed ACK, 40 ms on every keep-alive scrape.
             disable_nagle_algorithm = True
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 pacer.wait()
                 path = self.path.split("?", 1)[0]
                 route = routes.get(path)

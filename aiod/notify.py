@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger("aiod.notify")
 
@@ -21,7 +21,8 @@ def _systemd_sender() -> Sender | None:
         from systemd import daemon  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover - systemd-python is a dependency
         return None
-    return daemon.notify  # type: ignore[no-any-return]
+    send: Sender = daemon.notify  # systemd-python has no type hints
+    return send
 
 
 class Notifier:

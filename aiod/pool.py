@@ -23,8 +23,6 @@ in_flight exactly once, as completed, cancelled or failed:
 
 from __future__ import annotations
 
-import bisect
-import enum
 import errno as _errno
 import heapq
 import logging
@@ -32,29 +30,26 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from aiod import aio
-from aiod.lifecycle import (KEEP_ENDED, ContextState, EndedRecords, FoldedRecords,
-                            LifecycleRecord, RecordSnapshot, fold)
+from aiod.accounting import Ledger, OpStats
+
+# Outcome is imported from here by aiod.bench (being rewritten onto the compiled engine, issue 14).
+from aiod.accounting import Outcome as Outcome
+from aiod.lifecycle import (
+    KEEP_ENDED,
+    ContextState,
+    EndedRecords,
+    FoldedRecords,
+    LifecycleRecord,
+    RecordSnapshot,
+    fold,
+)
 from aiod.teardown import CANCEL_WAIT, DESTROY_TIMEOUT, Step, Teardown, TeardownCounts
 
 log = logging.getLogger("aiod.pool")
-
-# Prometheus histogram bounds for op latency, in seconds.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
-    25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0)
-_BUCKETS_NS = [int(b * 1e9) for b in LATENCY_BUCKETS]
-
-OP_NAMES = {
-    aio.IOCB_CMD_PREAD: "read", aio.IOCB_CMD_PWRITE: "write",
-    aio.IOCB_CMD_PREADV: "readv", aio.IOCB_CMD_PWRITEV: "writev",
-    aio.IOCB_CMD_FSYNC: "fsync", aio.IOCB_CMD_FDSYNC: "fdsync",
-    aio.IOCB_CMD_POLL: "poll", aio.IOCB_CMD_NOOP: "noop",
-}
-
 
 class PoolError(Exception):
     """A pool could not do what it was asked; the message is for operators."""
@@ -70,81 +65,6 @@ class PoolCapacityError(PoolError):
 
 class PoolClosed(PoolError):
     """Submit after drain started."""
-
-
-class Outcome(str, enum.Enum):
-    COMPLETED = "completed"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-class OpStats:
-    """Counters and latency histogram of one (job, op) pair, under the pool's stats lock."""
-
-    __slots__ = ("job", "op", "submitted", "completed", "cancelled", "failed",
-                 "buckets", "latency_sum_ns", "latency_count", "last_completion")
-
-    def __init__(self, job: str, op: str) -> None:
-        self.job = job
-        self.op = op
-        self.submitted = 0
-        self.completed = 0
-        self.cancelled = 0
-        self.failed: dict[int, int] = {}
-        self.buckets = [0] * (len(_BUCKETS_NS) + 1)  # last one is +Inf
-        self.latency_sum_ns = 0
-        self.latency_count = 0
-        self.last_completion: float | None = None
-
-    def copy(self) -> "OpStats":
-        c = OpStats(self.job, self.op)
-        c.submitted, c.completed, c.cancelled = self.submitted, self.completed, self.cancelled
-        c.failed = dict(self.failed)
-        c.buckets = list(self.buckets)
-        c.latency_sum_ns, c.latency_count = self.latency_sum_ns, self.latency_count
-        c.last_completion = self.last_completion
-        return c
-
-    @property
-    def failed_total(self) -> int:
-        return sum(self.failed.values())
-
-    def add(self, other: "OpStats") -> None:
-        """Add another pool's counters of the same (job, op) to these."""
-        self.submitted += other.submitted
-        self.completed += other.completed
-        self.cancelled += other.cancelled
-        for err, n in other.failed.items():
-            self.failed[err] = self.failed.get(err, 0) + n
-        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets)]
-        self.latency_sum_ns += other.latency_sum_ns
-        self.latency_count += other.latency_count
-        if other.last_completion is not None:
-            self.last_completion = max(self.last_completion or 0.0, other.last_completion)
-
-
-class OpTag:
-    """What the pool keeps on each op (``op.tag``) between submit and completion.
-
-    Reused when an op is resubmitted, so the load loop allocates nothing per op.
-    ``owner`` is whoever hands the op's completion on (a job): it travels with
-    the op, so no table of ops can fall out of step with the ops in use.
-    """
-
-    __slots__ = ("job", "stats", "slot", "submitted_ns", "issued_ns", "cancel_requested",
-                 "outcome", "errno", "latency_ns", "owner")
-
-    def __init__(self, owner: object = None) -> None:
-        self.owner = owner
-        self.job: str | None = None
-        self.stats: OpStats | None = None
-        self.slot: "_Slot | None" = None
-        self.submitted_ns = 0   # before io_submit: latency_ns counts from here
-        self.issued_ns = 0      # after io_submit returned (fio's clat starts here)
-        self.cancel_requested = False
-        self.outcome: Outcome | None = None
-        self.errno = 0
-        self.latency_ns = 0
 
 
 class _Slot:
@@ -205,7 +125,7 @@ class PoolSnapshot:
             out[state] += n
         return out
 
-    def merged(self, later: "PoolSnapshot") -> "PoolSnapshot":
+    def merged(self, later: PoolSnapshot) -> PoolSnapshot:
         """This ended pool and a later one of the same name as one, for reports:
         counters add up; the later pool's records stay in full, and of the
         earlier ones only the last KEEP_ENDED, as within a pool."""
@@ -268,8 +188,7 @@ class Pool:
         self._wake_lock = threading.Lock()   # the eventfd vs destroy threads that signal it
         self._next_index = 0
         self._accepting = True
-        self._stats_lock = threading.Lock()
-        self._stats: dict[tuple[str, str], OpStats] = {}
+        self._ledger = Ledger(wall_clock)
         self._counts_lock = threading.Lock()
         self.setups = 0
         self.destroys = 0
@@ -373,23 +292,13 @@ class Pool:
     def contexts(self) -> list[aio.Context]:
         return [s.ctx for s in self._active]
 
-    def _stats_for(self, job: str, op: str) -> OpStats:
-        st = self._stats.get((job, op))
-        if st is None:
-            with self._stats_lock:
-                st = self._stats.setdefault((job, op), OpStats(job, op))
-        return st
-
     def register(self, job: str, ops: Iterable[str]) -> None:
         """Make a job's series exist (at zero) before its first op."""
-        for op in ops:
-            self._stats_for(job, op)
+        self._ledger.register(job, ops)
 
     def forget(self, job: str) -> None:
         """Drop a removed job's series once none of its ops is in flight."""
-        with self._stats_lock:
-            for key in [k for k in self._stats if k[0] == job]:
-                del self._stats[key]
+        self._ledger.forget(job)
 
     # ------------------------------------------------------------------ submit
     def submit(self, ops: Sequence[aio.Op], job: str) -> list[aio.Op]:
@@ -430,45 +339,15 @@ class Pool:
         return refused
 
     def _submit_to(self, s: _Slot, ops: Sequence[aio.Op], job: str) -> list[aio.Op]:
-        now = time.perf_counter_ns()
-        stats_for = self._stats_for
-        for op in ops:
-            tag = op.tag
-            if tag is None:
-                tag = op.tag = OpTag()
-            if tag.job != job or tag.stats is None:
-                tag.job = job
-                tag.stats = stats_for(job, OP_NAMES.get(op.opcode, "other"))
-            tag.slot = s
-            tag.submitted_ns = now
-            tag.cancel_requested = False
-            tag.outcome = None
+        self._ledger.tag(ops, job, s, time.perf_counter_ns())
         res = s.ctx.submit(ops)
         issued = time.perf_counter_ns()
-        n_ok = len(res.submitted)
-        n_bad = len(res.failed)
-        if n_ok:
-            s.record.add_submitted(n_ok)
-        if n_bad:
-            last = None
-            with self._stats_lock:
-                for op, err in res.failed:
-                    st = op.tag.stats
-                    st.submitted += 1
-                    st.failed[err] = st.failed.get(err, 0) + 1
-                    op.tag.outcome = Outcome.FAILED
-                    op.tag.errno = err
-                    op.res = -err
-                    last = err
-            assert last is not None
-            msg = f"io_submit: {os.strerror(last)}"
-            s.record.add_rejected(n_bad, msg)
-        if n_ok:
-            with self._stats_lock:
-                for op in res.submitted:
-                    tag = op.tag
-                    tag.issued_ns = issued
-                    tag.stats.submitted += 1
+        if res.failed:
+            last = self._ledger.refused(res.failed)
+            s.record.add_rejected(len(res.failed), f"io_submit: {os.strerror(last)}")
+        if res.submitted:
+            s.record.add_submitted(len(res.submitted))
+            self._ledger.submitted(res.submitted, issued)
         return res.unsubmitted
 
     # -------------------------------------------------------------------- reap
@@ -528,70 +407,7 @@ class Pool:
                 self._finish(live[0], got)
 
     def _finish(self, s: _Slot, ops: list[aio.Op]) -> None:
-        """Classify a batch of completions of one context and account for it.
-
-        Hot path. Completed ops of the same OpStats in a row are summed locally
-        and added once (under the same lock hold, so no snapshot sees the
-        difference), and ops of one submit batch reaped together share one
-        latency, so its bucket is looked up once.
-        """
-        now = time.perf_counter_ns()
-        wall = self._wall()
-        cancelled = failed = 0
-        last_error = None
-        bounds = _BUCKETS_NS
-        bis = bisect.bisect_left
-        COMPLETED = Outcome.COMPLETED
-        cur: OpStats | None = None      # whose completed ops are being summed
-        buckets: list[int] = []
-        n = lat_sum = 0
-        last_lat = -1
-        idx = 0
-        with self._stats_lock:
-            for op in ops:
-                tag = op.tag
-                lat = now - tag.submitted_ns
-                tag.latency_ns = lat
-                st = tag.stats
-                if tag.cancel_requested:
-                    tag.outcome = Outcome.CANCELLED
-                    st.cancelled += 1
-                    cancelled += 1
-                    continue
-                res = op.res
-                if res < 0:  # type: ignore[operator]
-                    err = -res  # type: ignore[operator]
-                    tag.outcome = Outcome.FAILED
-                    tag.errno = err
-                    st.failed[err] = st.failed.get(err, 0) + 1
-                    failed += 1
-                    last_error = err
-                    st.buckets[bis(bounds, lat)] += 1
-                    st.latency_sum_ns += lat
-                    st.latency_count += 1
-                    st.last_completion = wall
-                    continue
-                tag.outcome = COMPLETED
-                if st is not cur:
-                    if cur is not None:
-                        cur.completed += n
-                        cur.latency_sum_ns += lat_sum
-                        cur.latency_count += n
-                        cur.last_completion = wall
-                    cur = st
-                    buckets = st.buckets
-                    n = lat_sum = 0
-                n += 1
-                lat_sum += lat
-                if lat != last_lat:
-                    idx = bis(bounds, lat)
-                    last_lat = lat
-                buckets[idx] += 1
-            if cur is not None:
-                cur.completed += n
-                cur.latency_sum_ns += lat_sum
-                cur.latency_count += n
-                cur.last_completion = wall
+        cancelled, failed, last_error = self._ledger.finish(ops)
         s.record.add_outcomes(len(ops) - cancelled - failed, cancelled, failed,
                               None if last_error is None else os.strerror(last_error))
 
@@ -707,10 +523,7 @@ class Pool:
             self._detached.append(s)
         lost = s.ctx.inflight_ops()
         if lost:
-            with self._stats_lock:
-                for op in lost:
-                    op.tag.outcome = Outcome.CANCELLED
-                    op.tag.stats.cancelled += 1
+            self._ledger.lost(lost)
             s.record.add_outcomes(0, len(lost), 0)
         return lost
 
@@ -782,8 +595,7 @@ class Pool:
             ended, folded = self._ended.snapshot()
         records = [s.record.snapshot() for s in live + detached] + ended
         records.sort(key=lambda r: r.index)
-        with self._stats_lock:
-            stats = [st.copy() for st in self._stats.values()]
+        stats = self._ledger.copies()
         oldest = 0.0
         now = time.perf_counter_ns()
         for s in live:

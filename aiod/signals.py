@@ -20,7 +20,7 @@ from __future__ import annotations
 import signal
 import socket
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
 # No logging import here: this module is loaded before anything else in
 # `aiod run`, and the sooner its handlers are in, the smaller the window.
@@ -40,7 +40,7 @@ class SignalInbox:
         self.finished = False
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "SignalInbox":
+    def install(self) -> SignalInbox:
         """Catch the signals from now on (main thread only). Idempotent."""
         if self.installed:
             return self

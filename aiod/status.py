@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from aiod import __version__
+from aiod.accounting import LATENCY_BUCKETS
 from aiod.metrics import JobView, errno_name
-from aiod.pool import LATENCY_BUCKETS, PoolSnapshot
+from aiod.pool import PoolSnapshot
 
 WINDOW = 60.0          # seconds the "recent" percentiles aim to cover
 SAMPLE_SPACING = 5.0   # keep at most one sample per this many seconds
@@ -247,7 +249,6 @@ def status_url(url: str | None, host: str, port: int) -> str:
 
 def fetch(url: str, timeout: float) -> dict[str, Any]:
     import json
-    import socket
     import urllib.error
     import urllib.request
     try:
@@ -260,7 +261,7 @@ def fetch(url: str, timeout: float) -> dict[str, Any]:
         reason = e.reason
         what = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
         raise Unreachable(f"no aiod answering at {url}: {what}") from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise Unreachable(f"no aiod answering at {url}: no answer within {timeout:g}s") from None
     except (ConnectionError, OSError) as e:
         raise Unreachable(f"no aiod answering at {url}: {e.strerror or e}") from None

@@ -35,8 +35,9 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
 
 from aiod import aio
 from aiod.lifecycle import ContextState, LifecycleRecord
@@ -86,18 +87,28 @@ class TeardownCounts:
     failed: int = 0          # io_destroy failed or missed its deadline
     late: int = 0            # of the failed, io_destroy returned after its deadline
 
-    def minus(self, other: "TeardownCounts") -> "TeardownCounts":
+    def minus(self, other: TeardownCounts) -> TeardownCounts:
         return TeardownCounts(**{f.name: getattr(self, f.name) - getattr(other, f.name)
                                  for f in fields(self)})
 
-    def plus(self, other: "TeardownCounts") -> "TeardownCounts":
+    def plus(self, other: TeardownCounts) -> TeardownCounts:
         return TeardownCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name)
                                  for f in fields(self)})
 
 
 class _Entry:
-    __slots__ = ("member", "step", "drain_until", "cancel_until", "destroy_until",
-                 "requested", "lost", "thread", "errors", "stuck_since")
+    __slots__ = (
+        "cancel_until",
+        "destroy_until",
+        "drain_until",
+        "errors",
+        "lost",
+        "member",
+        "requested",
+        "step",
+        "stuck_since",
+        "thread",
+    )
 
     def __init__(self, member: Member, drain_until: float) -> None:
         self.member = member
@@ -312,7 +323,7 @@ def _destroy_context(ctx: aio.Context, errors: list[BaseException],
                      wake: Callable[[], None]) -> None:
     try:
         ctx.destroy()
-    except BaseException as e:  # reported by the teardown, never raised in a thread
+    except BaseException as e:  # noqa: BLE001 - reported by the teardown, never raised in a thread
         errors.append(e)
     finally:
         wake()

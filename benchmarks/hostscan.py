@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiod import aio, hostscan  # noqa: E402
+from aiod import aio, hostscan
 
 
 def spawn(n: int, holders: int) -> tuple[list[int], int]:

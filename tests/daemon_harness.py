@@ -43,7 +43,7 @@ class NotifySocket:
                 data = self.sock.recv(65536).decode()
                 self.messages.append(data)
                 self.sock.settimeout(0.001)
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             pass
         return self.messages
 

@@ -60,8 +60,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 FILE_SIZE = 1 << 20
 DEFAULT_DELAY = 0.3
@@ -136,7 +137,7 @@ def _mounted(path: Path) -> bool:
 # The server (runs in its own process)
 # =============================================================================
 class _Held:
-    __slots__ = ("name", "event", "outcome")
+    __slots__ = ("event", "name", "outcome")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -192,11 +193,10 @@ class _State:
         with self.lock:
             n = 0
             for h in self.held:
-                if name is None or h.name == name:
-                    if not h.event.is_set():
-                        h.outcome = outcome
-                        h.event.set()
-                        n += 1
+                if (name is None or h.name == name) and not h.event.is_set():
+                    h.outcome = outcome
+                    h.event.set()
+                    n += 1
             return n
 
     def pending(self, name: str | None) -> int:
@@ -209,7 +209,7 @@ def _operations(state: _State) -> Any:
     now = time.time()
     times = {"st_mtime": now, "st_ctime": now, "st_atime": now}
 
-    class FaultOps(Operations):  # type: ignore[misc]
+    class FaultOps(Operations):
         use_ns = True  # no utimens here; silences mfusepy's float-time warning
 
         def init(self, path: str) -> None:

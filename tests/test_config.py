@@ -299,7 +299,7 @@ def test_the_shipped_config_mentions_every_key() -> None:
     text = (ROOT / "config" / "aiod.yaml").read_text(encoding="utf-8")
     for key in config._TOP_KEYS + config._METRICS_KEYS + config._SHUTDOWN_KEYS + \
             config._POOL_KEYS + config._JOB_KEYS + config._HOST_SCAN_KEYS:
-        assert re.search(rf"^\s*#?\s*-?\s*{key}:", text, re.M), key
+        assert re.search(rf"^\s*#?\s*-?\s*{key}:", text, re.MULTILINE), key
 
 
 def test_load_without_a_path_prefers_the_default_path(tmp_path: Path) -> None:

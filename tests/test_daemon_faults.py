@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -120,7 +121,7 @@ def test_a_long_drain_that_makes_progress_extends_the_stop_timeout(
 
 def test_a_pool_whose_reads_hang_is_shrunk_and_removed_while_the_loop_keeps_turning(
         faultfs: FaultFS, tmp_path: Path, daemon_box: list[Aiod]) -> None:
-    cfg = {
+    cfg: dict[str, Any] = {
         "shutdown": {"drain_timeout": "1s", "destroy_timeout": "8s"},
         "pools": [{"name": "main", "contexts": 1, "nr_events": 8},
                   {"name": "hung", "contexts": 2, "nr_events": 8}],

@@ -11,13 +11,15 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
-from aiod import config as config_mod, logs
+from aiod import config as config_mod
+from aiod import logs
 from aiod.daemon import Daemon
 from aiod.jobs import RETRY_INTERVAL, JobState
 from aiod.notify import Notifier

@@ -8,8 +8,9 @@ import signal
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -93,7 +94,7 @@ def test_check_config_refuses_nr_events_above_the_kernel_cap_with_78(
         r = aiod(*args)
         assert r.returncode == 78, r.stderr
         (line,) = r.stderr.splitlines()
-        assert f"nr_events: expected at most 4194304, the kernel's limit per context" in line
+        assert "nr_events: expected at most 4194304, the kernel's limit per context" in line
         assert f"found {nr_events}" in line
 
 

@@ -51,7 +51,7 @@ def test_promtool_test_rules() -> None:
 def anchors(markdown: str) -> set[str]:
     """GitHub's anchors for the level-2 headings."""
     return {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^## (.+)$", markdown, re.M)}
+            for h in re.findall(r"^## (.+)$", markdown, re.MULTILINE)}
 
 
 def test_every_alert_has_summary_description_and_a_runbook_section() -> None:

@@ -16,8 +16,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -62,8 +63,7 @@ def loop_device() -> Iterator[tuple[str, Path]]:
     work = Path(tempfile.mkdtemp(prefix="aiod-loopdev-", dir="/var/tmp"))
     img = work / "disk.img"
     with open(img, "wb") as f:
-        for _ in range(64):
-            f.write(os.urandom(1 << 20))
+        f.writelines(os.urandom(1 << 20) for _ in range(64))
     r = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True)
     if r.returncode != 0:
         shutil.rmtree(work)

@@ -9,16 +9,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from aiod import aio
-from aiod.pool import Outcome, Pool
+from aiod.accounting import Outcome
+from aiod.pool import Pool
 from tests.conftest import live_contexts
-from tests.faultfs import (FILE_SIZE, FaultFS, FaultFSError, faultfs,  # noqa: F401
-                           mount_faultfs, pattern, unavailable_reason)
+from tests.faultfs import (  # noqa: F401
+    FILE_SIZE,
+    FaultFS,
+    FaultFSError,
+    faultfs,
+    mount_faultfs,
+    pattern,
+    unavailable_reason,
+)
 
 # What an aborted FUSE connection fails pending requests with (6.x: ECONNABORTED).
 ABORTED = {-errno.ECONNABORTED, -errno.ENOTCONN, -errno.EIO}
@@ -201,12 +209,11 @@ def test_teardown_aborts_unmounts_and_stops_the_server_when_a_test_fails(
     if unavailable_reason():
         pytest.skip(unavailable_reason() or "")
     ctx = aio.Context(2)
-    with pytest.raises(RuntimeError, match="test failed"):
-        with mount_faultfs(tmp_path) as fs:
-            fd = os.open(fs.path("hang.dat"), os.O_RDONLY | os.O_DIRECT)
-            op = read_one(ctx, fd)
-            fs.wait_pending(1)
-            raise RuntimeError("test failed with a hung request")
+    with pytest.raises(RuntimeError, match="test failed"), mount_faultfs(tmp_path) as fs:
+        fd = os.open(fs.path("hang.dat"), os.O_RDONLY | os.O_DIRECT)
+        op = read_one(ctx, fd)
+        fs.wait_pending(1)
+        raise RuntimeError("test failed with a hung request")
     assert fs.aborted and op in ctx.reap(1, timeout=5) and op.res in ABORTED
     ctx.destroy()
     with contextlib.suppress(OSError):

@@ -6,14 +6,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from aiod.fill import Fill
-from aiod.targets import (FILL_XATTR, OwnedFiles, TargetError, fill_target, open_target,
-                          partial_path)
+from aiod.targets import FILL_XATTR, OwnedFiles, TargetError, fill_target, open_target, partial_path
 from tests.daemon_harness import Aiod
 
 BIG = 768 << 20  # seconds of writing here: long enough to reload and to kill mid-way

@@ -8,14 +8,15 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from aiod import budget as budget_mod, config, hostscan
+from aiod import budget as budget_mod
+from aiod import config, hostscan
 from aiod.budget import Budget, host_metrics
 from aiod.daemon import Daemon
 from aiod.notify import Notifier
@@ -167,7 +168,7 @@ def test_promtool_check_metrics_is_clean_for_the_budget_series() -> None:
     b = Budget(cfg)
     b.scan = hostscan.scan()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(b)  # type: ignore[arg-type]
+    registry.register(b)
     text = generate_latest(registry)
     for name in (b"aiod_context_leaks", b"aiod_pool_yields_total", b"aiod_pool_contexts_target",
                  b"aiod_host_aio_events", b"aiod_host_aio_unattributed_events",

@@ -82,7 +82,7 @@ def test_a_job_deeper_than_vm_max_map_count_maps_its_buffers_in_slabs(tmp_path: 
         assert all(a % 4096 == 0 for a in addrs)
         assert all(b - a >= 4096 for a, b in zip(addrs, addrs[1:]))
         job.pump(time.monotonic())  # and they work: a real O_DIRECT read into the slab
-        done = []
+        done: list[aio.Op] = []
         deadline = time.monotonic() + 5
         while not done and time.monotonic() < deadline:
             done = pool.reap(timeout=0.1)

@@ -46,7 +46,7 @@ def exposition(direct_file: tuple[int, Path]) -> bytes:
                                       type="probe", op="randread", timeout=5.0),
                               JobView("idle", "default", "error", type="load", op="write",
                                       timeout=2.5)])
-    return generate_latest(make_registry(src))  # type: ignore[arg-type]
+    return generate_latest(make_registry(src))
 
 
 def test_every_required_family_is_exposed(exposition: bytes) -> None:

@@ -6,7 +6,7 @@ import http.client
 import socket
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -35,7 +35,7 @@ class CountingCollector:
 
 def serve(collector: CountingCollector, **kw: object) -> MetricsServer:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     server = MetricsServer("127.0.0.1", 0, registry, healthy=lambda: True,
                            ready=lambda: True, **kw)  # type: ignore[arg-type]
     server.start()

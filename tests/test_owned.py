@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from aiod.targets import (OWNED_FILE, OwnedFiles, TargetError, fill_target, open_target,
-                          partial_path, write_atomic)
+from aiod.targets import (
+    OWNED_FILE,
+    OwnedFiles,
+    TargetError,
+    fill_target,
+    open_target,
+    partial_path,
+    write_atomic,
+)
 from tests.test_targets import tiny_fs  # noqa: F401  (fixture)
 
-DAMAGE: dict[str, Callable[[Path], None]] = {
+DAMAGE: dict[str, Callable[[Path], object]] = {
     "truncated": lambda p: p.write_bytes(p.read_bytes()[:17]),
     "garbage": lambda p: p.write_bytes(b"\x00\xffnot json at all"),
     "null": lambda p: p.write_text("null"),
@@ -75,7 +82,7 @@ def test_a_damaged_record_is_kept_aside_and_aiods_own_files_are_taken_back(
 
 
 def test_a_full_state_directory_creates_no_target_it_cannot_record(
-        tmp_path: Path, tiny_fs: Path) -> None:  # noqa: F811
+        tmp_path: Path, tiny_fs: Path) -> None:
     fill_up(tiny_fs)
     owned = OwnedFiles(tiny_fs)
     target = tmp_path / "t.dat"
@@ -91,7 +98,7 @@ def test_a_full_state_directory_creates_no_target_it_cannot_record(
     write_target(target, OwnedFiles(tiny_fs))
 
 
-def test_write_atomic_leaves_no_tmp_file_when_it_fails(tiny_fs: Path) -> None:  # noqa: F811
+def test_write_atomic_leaves_no_tmp_file_when_it_fails(tiny_fs: Path) -> None:
     fill_up(tiny_fs)
     with pytest.raises(OSError):
         write_atomic(tiny_fs / "report.json", "x" * (1 << 20))

@@ -12,8 +12,8 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -32,7 +32,7 @@ DEBIAN_NAMES = {"prometheus-client": "python3-prometheus-client", "PyYAML": "pyt
                 "systemd-python": "python3-systemd"}
 
 
-def pyproject() -> dict:  # type: ignore[type-arg]
+def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -72,12 +72,12 @@ def test_man_page_covers_every_command_and_exit_code() -> None:
     text = MANPAGE.read_text().replace("\\-", "-")
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for command in sub.choices:  # type: ignore[union-attr]
-        assert re.search(rf"^\.B {re.escape(command)}\b", text, re.M), \
+        assert re.search(rf"^\.B {re.escape(command)}\b", text, re.MULTILINE), \
             f"aiod {command} is not in the man page's COMMANDS"
     codes = {v for k, v in vars(exit_codes).items() if k.startswith("EXIT_")}
     status = text[text.index(".SH EXIT STATUS"):]
     status = status[:status.index("\n.SH ", 1)]
-    assert {int(c) for c in re.findall(r"^\.B (\d+)$", status, re.M)} == codes
+    assert {int(c) for c in re.findall(r"^\.B (\d+)$", status, re.MULTILINE)} == codes
 
 
 def test_sysctl_example_changes_nothing_until_uncommented() -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from aiod import aio
+from aiod.accounting import Outcome
 from aiod.lifecycle import ContextState, IllegalTransition, LifecycleRecord
-from aiod.pool import Outcome, Pool, PoolCapacityError, PoolClosed
+from aiod.pool import Pool, PoolCapacityError, PoolClosed
 from tests.conftest import live_contexts
 
 

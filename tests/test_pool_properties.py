@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aiod import aio
-from aiod.pool import Outcome, Pool
+from aiod.accounting import Outcome
+from aiod.pool import Pool
 from tests.conftest import live_contexts
 
 ACTIONS = st.lists(

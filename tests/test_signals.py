@@ -8,7 +8,7 @@ import select
 import signal
 import subprocess
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
+from aiod.accounting import LATENCY_BUCKETS
 from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_SERVING, EXIT_UNREACHABLE
-from aiod.pool import LATENCY_BUCKETS
 from aiod.status import RecentLatency, quantile, status_url
 from tests.daemon_harness import AIOD, ROOT, Aiod, free_port
 from tests.test_daemon import base_config, daemons, start  # noqa: F401 - fixture
@@ -141,7 +142,7 @@ def test_status_with_a_bad_config_is_exit_78(tmp_path: Path) -> None:
 def other_http_server() -> Iterator[int]:
     """Something that is not aiod, answering on a port."""
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             body = b"<html>hello</html>" if self.path == "/status" else b"nope"
             self.send_response(200 if self.path == "/status" else 404)
             self.send_header("Content-Length", str(len(body)))
@@ -206,7 +207,8 @@ def test_quantile_interpolates_like_histogram_quantile() -> None:
 
 
 def test_recent_latency_picks_a_sample_about_a_window_old() -> None:
-    from aiod.pool import PoolSnapshot, OpStats
+    from aiod.accounting import OpStats
+    from aiod.pool import PoolSnapshot
     def snaps(n: int) -> list[PoolSnapshot]:
         st = OpStats("j", "read")
         st.buckets[0] = n

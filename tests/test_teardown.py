@@ -10,7 +10,8 @@ import time
 import pytest
 
 from aiod import aio
-from aiod.pool import Outcome, Pool
+from aiod.accounting import Outcome
+from aiod.pool import Pool
 from aiod.teardown import Step
 from tests.conftest import live_contexts
 from tests.faultfs import FaultFS, faultfs  # noqa: F401

@@ -28,9 +28,12 @@ from grafana_foundation_sdk.builders import heatmap, prometheus, stat, timeserie
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import heatmap as heatmap_m
-from grafana_foundation_sdk.models.dashboard import (DataSourceRef, DashboardCursorSync,
-                                                     VariableHide, VariableRefresh,
-                                                     VariableSort)
+from grafana_foundation_sdk.models.dashboard import (
+    DashboardCursorSync,
+    DataSourceRef,
+    VariableRefresh,
+    VariableSort,
+)
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 OUT = Path(__file__).resolve().parent / "aiod.json"

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.system import nspawn, packages
-from tests.system.support import (CONFIG, REPORT, AiodService, aiod_yaml, ensure_tools,
-                                  free_port, install_deb)
+from tests.system.support import (
+    CONFIG,
+    REPORT,
+    AiodService,
+    aiod_yaml,
+    ensure_tools,
+    free_port,
+    install_deb,
+)
 
 CONTAINER_TOOLS = {"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap",
                    "nsenter": "util-linux", "mountpoint": "util-linux"}

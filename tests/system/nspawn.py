@@ -41,9 +41,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 CACHE = Path(os.environ.get("AIOD_TEST_CACHE", "/var/cache/aiod-tests"))
 # A fresh server: systemd and little else. No Python: aiod's package brings
@@ -72,7 +72,7 @@ def debian_mirror() -> str:
                 return line.split()[1]
     legacy = Path("/etc/apt/sources.list")
     if legacy.exists():
-        m = re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+\S+\s+main", legacy.read_text(), re.M)
+        m = re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+\S+\s+main", legacy.read_text(), re.MULTILINE)
         if m and "security" not in m.group(1):
             return m.group(1)
     return "http://deb.debian.org/debian"

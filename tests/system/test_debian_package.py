@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.system import nspawn, packages
-from tests.system.support import (REPO, AiodService, aiod_yaml, ensure_tools, metric_sum,
-                                  parse_metrics, wait_for)
+from tests.system.support import (
+    REPO,
+    AiodService,
+    aiod_yaml,
+    ensure_tools,
+    metric_sum,
+    parse_metrics,
+    wait_for,
+)
 
 pytestmark = pytest.mark.system
 

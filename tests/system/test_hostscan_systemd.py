@@ -5,13 +5,21 @@ process holding contexts shows up in the metrics under its unit)."""
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from tests.system import nspawn
-from tests.system.support import (REPO, AiodService, Sample, aiod_yaml, http_get, metric_sum,
-                                  parse_metrics, wait_for)
+from tests.system.support import (
+    REPO,
+    AiodService,
+    Sample,
+    aiod_yaml,
+    http_get,
+    metric_sum,
+    parse_metrics,
+    wait_for,
+)
 
 pytestmark = pytest.mark.system
 

@@ -15,15 +15,15 @@ import subprocess
 import sys
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.faultfs import FaultFS, FaultFSUnavailable, mount_faultfs
-from tests.system.support import (REPO, aiod_yaml, ensure_tools, free_port, http_get,
-                                  wait_for)
+from tests.system.support import REPO, aiod_yaml, ensure_tools, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.system
 

@@ -16,8 +16,17 @@ from typing import Any
 import pytest
 
 from tests.system import nspawn
-from tests.system.support import (CONFIG, REPORT, STATE, AiodService, aiod_yaml, http_get,
-                                  metric_sum, systemd_seconds, wait_for)
+from tests.system.support import (
+    CONFIG,
+    REPORT,
+    STATE,
+    AiodService,
+    aiod_yaml,
+    http_get,
+    metric_sum,
+    systemd_seconds,
+    wait_for,
+)
 
 pytestmark = pytest.mark.system
 
@@ -64,7 +73,7 @@ def test_unit_file_verifies_clean_under_systemd_257(container: nspawn.Container)
 
 def test_unit_allows_the_five_aio_syscalls(container: nspawn.Container) -> None:
     listed = container.sh("systemd-analyze syscall-filter @system-service", check=True).stdout
-    assert re.search(r"^\s+@aio$", listed, re.M), "@system-service no longer includes @aio"
+    assert re.search(r"^\s+@aio$", listed, re.MULTILINE), "@system-service no longer includes @aio"
     aio = container.sh("systemd-analyze syscall-filter @aio", check=True).stdout.split()
     for call in ("io_setup", "io_submit", "io_getevents", "io_cancel", "io_destroy"):
         assert call in aio
@@ -86,7 +95,7 @@ def test_start_returns_once_ready_with_metrics_bound_and_status_shown(
     assert active_contexts(aiod) == 2
     assert p["StatusText"], "aiod sent no STATUS= line"
     status = aiod.c.sh("systemctl status aiod --no-pager --lines=0").stdout
-    m = re.search(r'^\s*Status: "(.+)"$', status, re.M)
+    m = re.search(r'^\s*Status: "(.+)"$', status, re.MULTILINE)
     assert m, status
     assert "pool" in m.group(1), m.group(1)
 
