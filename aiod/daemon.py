@@ -39,6 +39,8 @@ from aiod.lifecycle import ContextState
 from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
+from aiod.reload import Plan, ReloadError
+from aiod.reload import plan as reload_plan
 from aiod.signals import SignalInbox
 from aiod.status import DaemonInfo, RecentLatency
 from aiod.status import build as build_status
@@ -73,6 +75,18 @@ class StartupError(Exception):
 class _RetiringPool:
     pool: Pool
     since: float
+
+
+@dataclass
+class _Staged:
+    """What a reload has prepared, not yet committed."""
+
+    owned: OwnedFiles | None
+    created: dict[str, Pool] = field(default_factory=dict)
+    grown: list[tuple[Pool, int]] = field(default_factory=list)   # and their sizes before
+    jobs: dict[str, Job] = field(default_factory=dict)
+    server: MetricsServer | None = None
+    released: bool = False  # the running metrics server was closed to make room for server
 
 
 @dataclass
@@ -216,17 +230,16 @@ class Daemon:
             return self._bind_metrics(new), False
         except OSError as e:
             if e.errno != errno.EADDRINUSE or new.metrics.port != old.metrics.port:
-                raise StartupError(f"cannot listen for metrics on {where}: {e.strerror}",
-                                   EXIT_FAILURE) from e
-        assert self.metrics is not None
-        self.metrics.close()
+                raise ReloadError(f"cannot listen for metrics on {where}: {e.strerror}") from e
+        if self.metrics is not None:
+            self.metrics.close()
         try:
             return self._bind_metrics(new), True
         except OSError as e:
             self._restore_metrics(old)
-            raise StartupError(f"cannot listen for metrics on {where}: {e.strerror} (also "
-                               f"after closing {old.metrics.host}:{old.metrics.port}, which "
-                               f"overlaps it)", EXIT_FAILURE) from e
+            raise ReloadError(f"cannot listen for metrics on {where}: {e.strerror} (also "
+                              f"after closing {old.metrics.host}:{old.metrics.port}, which "
+                              f"overlaps it)") from e
 
     def _restore_metrics(self, old: Config) -> None:
         try:
@@ -410,7 +423,7 @@ class Daemon:
             if error is not None:
                 raise error
             self._apply(cast(Config, new))
-        except (ConfigError, StartupError, PoolError, OSError) as e:
+        except (ConfigError, ReloadError, PoolError, OSError) as e:
             ok = self._reload_failed(e)
         else:
             ok = self._reload_done()
@@ -446,82 +459,83 @@ class Daemon:
 
     def _apply(self, new: Config) -> None:
         """Prepare everything that can fail first; commit only when all of it worked."""
-        old = self.cfg
         problem = self.budget.room_problem(new)
         if problem:
             raise ConfigError([problem])
-        old_pools = {p.name: p for p in old.pools}
+        change = reload_plan(self.cfg, new)
+        staged = self._prepare(change, new)
+        self._commit(change, new, staged)
+
+    def _prepare(self, change: Plan, new: Config) -> _Staged:
+        """Every fallible step of a reload; undone in full if any fails. Raises ReloadError."""
+        old = self.cfg
         new_pools = {p.name: p for p in new.pools}
-        created: dict[str, Pool] = {}
-        grown: list[tuple[Pool, int]] = []
-        server: MetricsServer | None = None
-        released = False  # the running metrics server was closed to make room for server
-        replaced = {n for n, pc in new_pools.items()
-                    if n in old_pools and pc.nr_events != old_pools[n].nr_events}
-        new_jobs = {j.name: j for j in new.jobs}
-        starting = [jc for name, jc in new_jobs.items()
-                    if name not in self.jobs or jc != self.jobs[name].cfg or jc.pool in replaced]
         self._prepare_state_directory(new.state_directory)
-        owned = self._owned(new.state_directory)
+        staged = _Staged(owned=self._owned(new.state_directory))
         try:
-            for name, pc in new_pools.items():
-                if name not in self.pools or name in replaced:
-                    created[name] = self._make_pool(name, pc.contexts, pc.nr_events)
-                elif self.budget.wanted_size(pc, new) > self.pools[name].size:
-                    pool = self.pools[name]
-                    grown.append((pool, pool.size))
-                    pool.resize(self.budget.wanted_size(pc, new))
+            for name in change.create_pools:
+                pc = new_pools[name]
+                staged.created[name] = self._make_pool(name, pc.contexts, pc.nr_events)
+            for name in change.keep_pools:
+                pool, want = self.pools[name], self.budget.wanted_size(new_pools[name], new)
+                if want > pool.size:
+                    staged.grown.append((pool, pool.size))
+                    pool.resize(want)
             # Buffers are the biggest allocation, and jobs need their pools; before
             # the metrics move, which may have to release the running socket.
-            prepared = self._prepare_jobs(starting, {**self.pools, **created}, owned)
-            if (new.metrics.host, new.metrics.port) != (old.metrics.host, old.metrics.port):
-                server, released = self._rebind_metrics(old, new)
+            try:
+                staged.jobs = self._prepare_jobs(change.start_jobs,
+                                                 {**self.pools, **staged.created}, staged.owned)
+            except StartupError as e:
+                raise ReloadError(str(e)) from None
+            if change.metrics_moved:
+                staged.server, staged.released = self._rebind_metrics(old, new)
         except BaseException:
-            if server is not None:
-                server.close()
-            if released:
+            if staged.server is not None:
+                staged.server.close()
+            if staged.released:
                 self._restore_metrics(old)
-            for pool in created.values():
+            for pool in staged.created.values():
                 pool.close()
-            for pool, size in grown:
+            for pool, size in staged.grown:
                 pool.resize(size)
             raise
-        # ---- commit: nothing below can fail for lack of resources
+        return staged
+
+    def _commit(self, change: Plan, new: Config, staged: _Staged) -> None:
+        """Switch to the new config; nothing here can fail for lack of resources."""
         logs.setup(new.log_level, env=self.env)
-        self._owned_files = owned
-        if server is not None:
-            assert self.metrics is not None
-            if not released:
+        self._owned_files = staged.owned
+        if staged.server is not None:
+            if not staged.released and self.metrics is not None:
                 self.metrics.close()
-            server.start()
-            self.metrics = server
-            log.info("metrics now on %s", server.url)
-        for name, job in list(self.jobs.items()):
-            jc = new_jobs.get(name)
-            if jc is None or jc != job.cfg or jc.pool in replaced or jc.pool not in new_pools:
-                self._stop_job(job)
-        for name, pool in list(self.pools.items()):
-            if name not in new_pools or name in replaced:
-                with self._state_lock:
-                    del self.pools[name]
-                    self._retiring_pools.append(_RetiringPool(pool, self.clock()))
-                log.info("pool %s: retiring (%s)", name,
-                         "nr_events changed" if name in replaced else "removed from the config",
-                         extra={"AIOD_POOL": name})
+            staged.server.start()
+            self.metrics = staged.server
+            log.info("metrics now on %s", staged.server.url)
+        for name in change.stop_jobs:
+            if name in self.jobs:
+                self._stop_job(self.jobs[name])
+        for name in change.retire_pools:
+            with self._state_lock:
+                pool = self.pools.pop(name)
+                self._retiring_pools.append(_RetiringPool(pool, self.clock()))
+            log.info("pool %s: retiring (%s)", name, "nr_events changed"
+                     if name in change.replaced_pools else "removed from the config",
+                     extra={"AIOD_POOL": name})
         with self._state_lock:
-            self.pools.update(created)
-        for name, pc in new_pools.items():
-            pool = self.pools[name]
+            self.pools.update(staged.created)
+        for pc in new.pools:
+            pool = self.pools[pc.name]
             want = self.budget.wanted_size(pc, new)
             if want < pool.size:
                 pool.resize(want, retire_timeout=new.shutdown.drain_timeout)
-                log.info("pool %s: shrinking to %d contexts", name, want,
-                         extra={"AIOD_POOL": name})
+                log.info("pool %s: shrinking to %d contexts", pc.name, want,
+                         extra={"AIOD_POOL": pc.name})
         self.cfg = new
         self.budget.configure(new)
         for job in self.jobs.values():
             job.check_target_soon()  # a SIGHUP also asks: is each path still the job's file?
-        for job in prepared.values():
+        for job in staged.jobs.values():
             self._start_job(job)
 
     def _stop_job(self, job: Job) -> None:
