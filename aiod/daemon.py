@@ -35,22 +35,22 @@ from aiod.budget import Budget
 from aiod.config import Config, ConfigError, JobConfig
 from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
 from aiod.jobs import Job, JobResourceError, JobState
-from aiod.lifecycle import ContextState
-from aiod.metrics import JobView, MetricsServer, errno_name, make_registry
+from aiod.metrics import JobView, MetricsServer, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
 from aiod.reload import Plan, ReloadError
 from aiod.reload import plan as reload_plan
+from aiod.report import build as build_report
+from aiod.report import sum_totals, totals_text
 from aiod.signals import SignalInbox
 from aiod.status import DaemonInfo, RecentLatency
 from aiod.status import build as build_status
-from aiod.targets import OwnedFiles, write_atomic
+from aiod.targets import OwnedFiles
 from aiod.teardown import Step, TeardownCounts
 from aiod.worker import Worker
 
 log = logging.getLogger("aiod.daemon")
 
-REPORT_FILE = "shutdown-report.json"
 STATUS_INTERVAL = 5.0
 MAX_WAIT = 0.5          # the loop wakes at least this often (watchdog, status, timers)
 HEALTH_STALL = 10.0     # /healthz fails when the loop has not turned for this long
@@ -387,7 +387,7 @@ class Daemon:
             snap = pool.snapshot()
             log.info("pool %s removed: %d contexts destroyed, %d failed; %s", pool.name,
                      snap.contexts_by_state()["destroyed"], snap.contexts_by_state()["failed"],
-                     _totals_text(snap.totals()), extra={"AIOD_POOL": pool.name})
+                     totals_text(snap.totals()), extra={"AIOD_POOL": pool.name})
             with self._state_lock:
                 self._retiring_pools.remove(r)
                 self._end_pool(snap)
@@ -637,56 +637,31 @@ class Daemon:
 
     def _report(self, reason: str, run: _Stopping) -> dict[str, object]:
         done = self._teardown_counts().minus(run.before)
-        snaps = [p.snapshot() for p in self._all_pools()] + list(self._ended_pools.values())
-        totals = _sum_totals(snaps)
-        failed = [{"pool": r.pool, "index": r.index, "kernel_id": r.kernel_id,
-                   "error": r.last_error}
-                  for s in snaps for r in s.records if r.state is ContextState.FAILED]
         if done.requested or done.uncancellable:
             log.info("cancel: %d cancelled, %d could not be cancelled (file or block I/O)",
                      done.cancelled, done.uncancellable)
-        report: dict[str, object] = {
-            "version": __version__,
-            "reason": reason,
-            "started_at": self.started_at,
-            "stopped_at": self.wall(),
-            "totals": totals,
-            "invariant_holds": totals["submitted"] == totals["completed"] + totals["cancelled"]
-            + totals["failed"] + totals["in_flight"] and totals["in_flight"] == 0,
-            "drain_timeout": self.cfg.shutdown.drain_timeout,
-            "drain_seconds": round(run.drain_seconds, 6),
-            "drain_interrupted_by_signal": run.hurried,
-            "cancel_seconds": round(run.cancel_seconds, 6),
-            "destroy_seconds": round(run.destroy_seconds, 6),
-            "cancel": {"requested": done.requested, "cancelled": done.cancelled,
-                       "uncancellable": done.uncancellable},
-            "lost_at_destroy": done.lost,
-            "failed_to_destroy": failed,
-            "aio_nr_before_start": self.aio_nr_before,
-            "aio_nr_after_destroy": aio.system_aio_usage(self.procfs_root)[0],
-            "pools": [_pool_report(s) for s in snaps],
-        }
-        report.update(self.budget.final_report())
+        snaps = [p.snapshot() for p in self._all_pools()] + list(self._ended_pools.values())
+        aio_nr_after = aio.system_aio_usage(self.procfs_root)[0]
+        report = build_report(
+            version=__version__, reason=reason, started_at=self.started_at,
+            stopped_at=self.wall(), snaps=snaps, done=done,
+            drain_timeout=self.cfg.shutdown.drain_timeout, drain_seconds=run.drain_seconds,
+            hurried=run.hurried, cancel_seconds=run.cancel_seconds,
+            destroy_seconds=run.destroy_seconds, aio_nr_before=self.aio_nr_before,
+            aio_nr_after=aio_nr_after, budget=self.budget.final_report())
         log.info("shutdown complete: %s; drain %.3fs, cancel %.3fs, destroy %.3fs; "
                  "%d contexts failed to destroy; fs.aio-nr (system-wide) %d before start, "
                  "%d after destroy",
-                 _totals_text(totals), run.drain_seconds, run.cancel_seconds,
-                 run.destroy_seconds, len(failed), self.aio_nr_before,
-                 report["aio_nr_after_destroy"])
-        self._write_report(report)
-        return report
+                 totals_text(report.totals), run.drain_seconds, run.cancel_seconds,
+                 run.destroy_seconds, len(report.failed_to_destroy), self.aio_nr_before,
+                 aio_nr_after)
+        report.write(self.cfg.state_directory)
+        return report.as_dict()
 
     def _close_targets(self) -> None:
         for job in list(self.jobs.values()) + self._stopping_jobs:
             job.in_flight = 0  # every op was accounted above; none will complete to the job
             job.close_if_idle()
-
-    def _write_report(self, report: dict[str, object]) -> None:
-        path = self.cfg.state_directory / REPORT_FILE
-        try:
-            write_atomic(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
-        except OSError as e:
-            log.error("cannot write the shutdown report %s: %s", path, e.strerror)
 
     def _destroy_pools_now(self) -> None:
         for pool in self.pools.values():
@@ -767,7 +742,7 @@ class Daemon:
 
     def _status_line(self) -> str:
         snaps = [p.snapshot() for p in self._all_pools()]
-        t = _sum_totals(snaps)
+        t = sum_totals(snaps)
         errs = sum(sum(j.errors.values()) for j in self.jobs.values())
         line = (f"{self._summary()}; {t['submitted']} ops, {t['in_flight']} in flight, "
                 f"{t['failed']} failed")
@@ -777,31 +752,3 @@ class Daemon:
         if budget:
             line += f"; {budget}"
         return line
-
-
-def _sum_totals(snaps: list[PoolSnapshot]) -> dict[str, int]:
-    keys = ("submitted", "completed", "cancelled", "failed", "in_flight")
-    return {k: sum(s.totals()[k] for s in snaps) for k in keys}
-
-
-def _totals_text(t: Mapping[str, int]) -> str:
-    return (f"submitted {t['submitted']} = completed {t['completed']} + cancelled "
-            f"{t['cancelled']} + failed {t['failed']} + in flight {t['in_flight']}")
-
-
-def _pool_report(s: PoolSnapshot) -> dict[str, object]:
-    return {
-        "name": s.name,
-        "nr_events": s.nr_events,
-        "totals": s.totals(),
-        "contexts": [r.as_dict() for r in s.records],
-        # Older ended contexts, no longer listed one by one (see lifecycle.KEEP_ENDED).
-        "ended_contexts_folded": s.folded.as_dict(),
-        "ops": [{"job": st.job, "op": st.op, "submitted": st.submitted,
-                 "completed": st.completed, "cancelled": st.cancelled,
-                 "failed": {errno_name(e): n for e, n in sorted(st.failed.items())}}
-                for st in s.stats],
-        "setups": s.setups,
-        "destroys": s.destroys,
-        "destroy_failures": s.destroy_failures,
-    }
