@@ -23,7 +23,6 @@ run: install
 	$(BIN)/aiod run $(ARGS)
 
 # The gates before any test: lint, strict types on aiod/, types on tests/.
-# aiod/bench.py is left out while it is rewritten onto the compiled engine (issue 14).
 lint: install
 	$(BIN)/ruff check
 	$(BIN)/mypy --strict aiod

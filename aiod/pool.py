@@ -34,10 +34,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from aiod import aio
-from aiod.accounting import Ledger, OpStats
 
-# Outcome is imported from here by aiod.bench (being rewritten onto the compiled engine, issue 14).
-from aiod.accounting import Outcome as Outcome
+# aiod.engine imports these from here (the lead moves it to aiod.accounting, issue 14).
+from aiod.accounting import LATENCY_BUCKETS as LATENCY_BUCKETS
+from aiod.accounting import Ledger
+from aiod.accounting import OpStats as OpStats
 from aiod.lifecycle import (
     KEEP_ENDED,
     ContextState,

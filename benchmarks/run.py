@@ -264,7 +264,7 @@ def print_targets(chosen: list[Scenario]) -> None:
     r = ratio("2", "aiod", "fio", "p50")
     if r is not None:
         rows.append(("2. clat p50 aiod/fio (lower is better)", r, 1.05))
-    best = max((ratio("3", "aiod", e) is not None and med(by["3"][e], "iops") or 0.0)
+    best = max(((ratio("3", "aiod", e) is not None and med(by["3"][e], "iops")) or 0.0)
                for e in ("fio", "fio-batch")) if "3" in by else 0.0
     if best:
         rows.append(("3. IOPS aiod/best fio", med(by["3"]["aiod"], "iops") / best, 1.0))

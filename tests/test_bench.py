@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from aiod import aio, bench as bench_mod
+from aiod import aio
+from aiod import bench as bench_mod
 from aiod.bench import hist_index, hist_value, percentiles
 from tests.daemon_harness import AIOD, ROOT
 

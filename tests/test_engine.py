@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aiod import aio
+from aiod.accounting import LATENCY_BUCKETS
 from aiod.bench import hist_index
 from aiod.engine import CANCELLED, COMPLETED, FAILED, EngineContext, Ledger, require
-from aiod.pool import LATENCY_BUCKETS
 from tests.conftest import live_contexts
 from tests.daemon_harness import ROOT
 from tests.faultfs import FaultFS, faultfs  # noqa: F401
@@ -39,7 +40,7 @@ eng = require()
 # The AddressSanitizer run below points this at the sanitized build it made.
 if os.environ.get("AIOD_EXPECT_ENGINE"):
     assert eng.__file__ == os.environ["AIOD_EXPECT_ENGINE"], eng.__file__
-BOUNDS_NS = [int(round(b * 1e9)) for b in LATENCY_BUCKETS]
+BOUNDS_NS = [round(b * 1e9) for b in LATENCY_BUCKETS]
 BS = 4096
 FILE_SIZE = 1 << 20
 KINDS = ("read", "misaligned", "eio", "badfd", "poll")
@@ -251,7 +252,7 @@ ACTIONS = st.lists(
 
 
 @pytest.fixture
-def files(tmp_path: Path, faultfs: FaultFS) -> Any:  # noqa: F811
+def files(tmp_path: Path, faultfs: FaultFS) -> Any:
     path = tmp_path / "data.bin"
     path.write_bytes(os.urandom(FILE_SIZE))
     try:

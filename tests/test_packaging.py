@@ -160,4 +160,4 @@ def test_deb_carries_the_compiled_engine(built_deb: Path) -> None:
     listing = subprocess.run(["dpkg-deb", "-c", str(built_deb)], capture_output=True,
                              text=True, check=True).stdout
     # The stable ABI: one build for Debian 12's Python 3.11 and 13's 3.13.
-    assert re.search(r"/dist-packages/aiod/_engine\.abi3\.so$", listing, re.M), listing
+    assert re.search(r"/dist-packages/aiod/_engine\.abi3\.so$", listing, re.MULTILINE), listing
