@@ -291,13 +291,9 @@ class Daemon:
     def main_loop(self) -> int:
         """Serve until TERM/INT. Returns the signal that ended it."""
         while True:
-            while self.signals:
-                sig = self.signals.pop()
-                if sig in (signal.SIGTERM, signal.SIGINT):
-                    log.info("received %s: shutting down", signal.Signals(sig).name)
+            while (sig := self.signals.pop()) is not None:
+                if self._serving_handlers[sig](sig):
                     return sig
-                if sig == signal.SIGHUP:
-                    self.request_reload()
             now = self.clock()
             for job in list(self.jobs.values()):
                 job.pump(now)
@@ -305,6 +301,42 @@ class Daemon:
             self._reap_all()
             self._tick()
             self.budget.tick(self.clock())
+
+    # The loop acts on each signal the handlers recorded: handle_<signal>, in
+    # one table while serving and another while shutting down.
+    @property
+    def _serving_handlers(self) -> dict[int, Callable[[int], bool]]:
+        """True: shut down."""
+        return {signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_term,
+                signal.SIGHUP: self.handle_hup}
+
+    def handle_term(self, sig: int) -> bool:
+        log.info("received %s: shutting down", signal.Signals(sig).name)
+        return True
+
+    def handle_hup(self, sig: int) -> bool:
+        self.request_reload()
+        return False
+
+    @property
+    def _stopping_handlers(self) -> dict[int, Callable[[int, _Stopping], None]]:
+        return {signal.SIGTERM: self.handle_term_stopping,
+                signal.SIGINT: self.handle_term_stopping,
+                signal.SIGHUP: self.handle_hup_stopping}
+
+    def handle_term_stopping(self, sig: int, run: _Stopping) -> None:
+        """A second TERM/INT during the drain skips to cancel."""
+        name = signal.Signals(sig).name
+        if self.phase is Phase.DRAINING and not run.hurried:
+            log.warning("second %s during the drain: cancelling now", name)
+            run.hurried = True
+            for pool in self._all_pools():
+                pool.hurry()
+        else:
+            log.info("%s while %s: already shutting down; ignored", name, self.phase.value)
+
+    def handle_hup_stopping(self, sig: int, run: _Stopping) -> None:
+        log.info("SIGHUP during shutdown: ignored, not reloading")
 
     def _next_deadline(self, now: float) -> float:
         deadline = min(now + MAX_WAIT, self._next_status)
@@ -610,17 +642,9 @@ class Daemon:
             self._wait(self._next_deadline(now) - now)
 
     def _signals_while_stopping(self, run: _Stopping) -> None:
+        handlers = self._stopping_handlers
         for sig in self.signals.take():
-            name = signal.Signals(sig).name
-            if sig == signal.SIGHUP:
-                log.info("SIGHUP during shutdown: ignored, not reloading")
-            elif self.phase is Phase.DRAINING and not run.hurried:
-                log.warning("second %s during the drain: cancelling now", name)
-                run.hurried = True
-                for pool in self._all_pools():
-                    pool.hurry()
-            else:
-                log.info("%s while %s: already shutting down; ignored", name, self.phase.value)
+            handlers[sig](sig, run)
 
     def _log_drain(self, run: _Stopping) -> None:
         remaining = sum(p.teardown_step(Step.CANCELLING) for p in self._all_pools())
