@@ -22,7 +22,6 @@ import logging
 import os
 import select
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,12 +37,13 @@ from aiod.jobs import Job, JobResourceError, JobState
 from aiod.metrics import JobView, MetricsServer, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
+from aiod.registry import Registry, RetiringPool
 from aiod.reload import Plan, ReloadError
 from aiod.reload import plan as reload_plan
 from aiod.report import build as build_report
 from aiod.report import sum_totals, totals_text
 from aiod.signals import SignalInbox
-from aiod.status import DaemonInfo, RecentLatency
+from aiod.status import DaemonInfo
 from aiod.status import build as build_status
 from aiod.targets import OwnedFiles
 from aiod.teardown import Step, TeardownCounts
@@ -69,12 +69,6 @@ class StartupError(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class _RetiringPool:
-    pool: Pool
-    since: float
 
 
 @dataclass
@@ -130,29 +124,27 @@ class Daemon:
         self.clock = clock
         self.wall = wall
         self.phase = Phase.STARTING
-        self.pools: dict[str, Pool] = {}
-        self.jobs: dict[str, Job] = {}
+        # The live pools and jobs, for scrapes and /status (aiod.registry).
+        self.live = Registry(procfs_root=procfs_root, wall=wall)
+        self.pools = self.live.pools
+        self.jobs = self.live.jobs
+        self._retiring_pools = self.live.retiring
         self._stopping_jobs: list[Job] = []
-        self._retiring_pools: list[_RetiringPool] = []
         self._ended_pools: dict[str, PoolSnapshot] = {}  # removed pools, merged by name
         self._owned_files: OwnedFiles | None = None
         # `aiod run` installs the handlers before anything else; a Daemon made
         # some other way installs its own at startup.
         self.signals = signals if signals is not None else SignalInbox()
         self.metrics: MetricsServer | None = None
-        self._registry = make_registry(self)
+        self._registry = make_registry(self.live)
         # The host's AIO budget: headroom yields, self-audit, host scan (aiod.budget).
         self.budget = Budget(cfg, procfs_root=procfs_root, clock=clock)
         self._registry.register(self.budget)
         self._heartbeat = clock()
-        self._reload_ok = True
-        self._reload_ts = 0.0
         self._reload_attempt_ts = 0.0
         self._reload_error: str | None = None
-        self._recent = RecentLatency()
         self._next_status = 0.0
         self._next_watchdog = 0.0
-        self._state_lock = threading.Lock()  # guards the pool/job maps for scrapes
         self.aio_nr_before = 0
         self.started_at = wall()
 
@@ -192,7 +184,7 @@ class Daemon:
         self.budget.attach(self.pools, self._all_pools)
         for job in prepared.values():
             self._start_job(job)
-        self._reload_ts = self._reload_attempt_ts = self.wall()
+        self.live.reload_ts = self._reload_attempt_ts = self.wall()
         self.phase = Phase.SERVING
         log.info("aiod %s serving: %s; metrics on %s", __version__, self._summary(),
                  self.metrics.url)
@@ -283,7 +275,7 @@ class Daemon:
 
     def _start_job(self, job: Job) -> Job:
         job.start()
-        with self._state_lock:
+        with self.live.lock:
             self.jobs[job.name] = job
         return job
 
@@ -362,7 +354,7 @@ class Daemon:
         self.signals.clear_wakeup()
 
     def _all_pools(self) -> list[Pool]:
-        return list(self.pools.values()) + [r.pool for r in self._retiring_pools]
+        return self.live.all_pools()
 
     def _reap_all(self) -> int:
         n = 0
@@ -420,7 +412,7 @@ class Daemon:
             log.info("pool %s removed: %d contexts destroyed, %d failed; %s", pool.name,
                      snap.contexts_by_state()["destroyed"], snap.contexts_by_state()["failed"],
                      totals_text(snap.totals()), extra={"AIOD_POOL": pool.name})
-            with self._state_lock:
+            with self.live.lock:
                 self._retiring_pools.remove(r)
                 self._end_pool(snap)
 
@@ -472,7 +464,7 @@ class Daemon:
         return ok
 
     def _reload_failed(self, e: BaseException) -> bool:
-        self._reload_ok = False
+        self.live.reload_ok = False
         first = str(e).splitlines()
         self._reload_error = "; ".join(first) or type(e).__name__
         for line in first:
@@ -482,9 +474,9 @@ class Daemon:
         return False
 
     def _reload_done(self) -> bool:
-        self._reload_ok = True
+        self.live.reload_ok = True
         self._reload_error = None
-        self._reload_ts = self.wall()
+        self.live.reload_ts = self.wall()
         log.info("configuration reloaded: %s", self._summary())
         self.notifier.ready(self._status_line())
         return True
@@ -548,13 +540,13 @@ class Daemon:
             if name in self.jobs:
                 self._stop_job(self.jobs[name])
         for name in change.retire_pools:
-            with self._state_lock:
+            with self.live.lock:
                 pool = self.pools.pop(name)
-                self._retiring_pools.append(_RetiringPool(pool, self.clock()))
+                self._retiring_pools.append(RetiringPool(pool, self.clock()))
             log.info("pool %s: retiring (%s)", name, "nr_events changed"
                      if name in change.replaced_pools else "removed from the config",
                      extra={"AIOD_POOL": name})
-        with self._state_lock:
+        with self.live.lock:
             self.pools.update(staged.created)
         for pc in new.pools:
             pool = self.pools[pc.name]
@@ -572,7 +564,7 @@ class Daemon:
 
     def _stop_job(self, job: Job) -> None:
         job.stop()
-        with self._state_lock:
+        with self.live.lock:
             del self.jobs[job.name]
         if job.state is JobState.STOPPED:
             self._forget_job(job)
@@ -717,29 +709,18 @@ class Daemon:
     def ready(self) -> bool:
         return self.phase is Phase.SERVING and self.healthy()
 
+    # aiod.metrics.Source, for /status (aiod.status): the registry answers.
     def pool_snapshots(self) -> list[PoolSnapshot]:
-        with self._state_lock:
-            pools = list(self.pools.values()) + [r.pool for r in self._retiring_pools]
-        snaps = [p.snapshot() for p in pools]
-        self._recent.observe(self.wall(), snaps)  # scrapes keep `aiod status` latency recent
-        return snaps
+        return self.live.pool_snapshots()
 
     def job_views(self) -> list[JobView]:
-        with self._state_lock:
-            jobs = list(self.jobs.values())
-        return [JobView(name=j.name, pool=j.pool.name, state=j.state.value,
-                        errors=dict(j.errors), timeouts=j.timeouts, skipped=j.skipped,
-                        type=j.cfg.type, op=j.cfg.op, timeout=j.cfg.timeout)
-                for j in jobs]
+        return self.live.job_views()
 
     def aio_usage(self) -> tuple[int, int]:
-        try:
-            return aio.system_aio_usage(self.procfs_root)
-        except (OSError, ValueError):
-            return (0, 0)
+        return self.live.aio_usage()
 
     def reload_status(self) -> tuple[bool, float]:
-        return self._reload_ok, self._reload_ts
+        return self.live.reload_status()
 
     def daemon_info(self) -> DaemonInfo:
         cfg = self.cfg
@@ -748,13 +729,14 @@ class Daemon:
                      "timeout_seconds": j.timeout} for j in cfg.jobs}
         return DaemonInfo(phase=self.phase.value, serving=self.ready(), healthy=self.healthy(),
                           started_at=self.started_at, config_source=cfg.source,
-                          reload_successful=self._reload_ok, reload_success_at=self._reload_ts,
+                          reload_successful=self.live.reload_ok,
+                          reload_success_at=self.live.reload_ts,
                           reload_attempted_at=self._reload_attempt_ts,
                           reload_error=self._reload_error, job_kinds=kinds)
 
     def status_json(self) -> bytes:
         """The /status document; runs on the HTTP thread, from copies like a scrape."""
-        return (json.dumps(build_status(self, self._recent, self.wall), indent=1) + "\n").encode()
+        return (json.dumps(build_status(self, self.live.recent, self.wall), indent=1) + "\n").encode()
 
     def _summary(self) -> str:
         contexts = sum(p.size for p in self.pools.values())
