@@ -40,9 +40,7 @@ __all__ = [
     "fsync",
     "io_cancel",
     "io_destroy",
-    "io_getevents",
     "io_setup",
-    "io_submit",
     "poll",
     "read",
     "readv",
@@ -123,11 +121,23 @@ class Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-# The kernel ABI is fixed; a wrong layout would corrupt memory silently.
-assert ctypes.sizeof(IOCB) == 64, "struct iocb must be 64 bytes"
-assert ctypes.sizeof(IoEvent) == 32, "struct io_event must be 32 bytes"
-assert IOCB.aio_lio_opcode.offset == 16 and IOCB.aio_fildes.offset == 20
-assert IOCB.aio_buf.offset == 24 and IOCB.aio_flags.offset == 56
+def _check_layout() -> None:
+    """The kernel ABI is fixed; a wrong layout would corrupt memory silently.
+    A check that raises, not asserts: ``python -O`` drops those."""
+    expected = {"sizeof(struct iocb)": (ctypes.sizeof(IOCB), 64),
+                "sizeof(struct io_event)": (ctypes.sizeof(IoEvent), 32),
+                "iocb.aio_lio_opcode offset": (IOCB.aio_lio_opcode.offset, 16),
+                "iocb.aio_fildes offset": (IOCB.aio_fildes.offset, 20),
+                "iocb.aio_buf offset": (IOCB.aio_buf.offset, 24),
+                "iocb.aio_flags offset": (IOCB.aio_flags.offset, 56)}
+    wrong = [f"{what} is {got}, the kernel's is {want}"
+             for what, (got, want) in expected.items() if got != want]
+    if wrong:
+        raise ImportError("aiod.aio: the kernel AIO structs are laid out wrongly: "
+                          + "; ".join(wrong))
+
+
+_check_layout()
 
 # io_event unpacked in bulk: data, obj, res, res2.
 _EVENT = struct.Struct("=QQqq")
@@ -195,28 +205,11 @@ def io_destroy(ctx_id: int) -> None:
         raise _fail("io_destroy", f"ctx={ctx_id:#x}")
 
 
-def io_submit(ctx_id: int, nr: int, iocbpp: int) -> int:
-    """Submit nr iocbs from the pointer array at address iocbpp; return how many went in."""
-    n: int = _sys_submit(NR_IO_SUBMIT, ctx_id, nr, iocbpp)
-    if n < 0:
-        raise _fail("io_submit")
-    return n
-
-
 def io_cancel(ctx_id: int, iocb_addr: int, result_addr: int) -> int:
     """Raw io_cancel: 0 when the kernel wrote the event to result_addr, else raises."""
     if _sys_cancel(NR_IO_CANCEL, ctx_id, iocb_addr, result_addr) < 0:
         raise _fail("io_cancel")
     return 0
-
-
-def io_getevents(ctx_id: int, min_nr: int, max_nr: int, events_addr: int,
-                 timeout_addr: int | None) -> int:
-    """Raw io_getevents into the io_event array at events_addr; returns the count."""
-    n: int = _sys_getevents(NR_IO_GETEVENTS, ctx_id, min_nr, max_nr, events_addr, timeout_addr)
-    if n < 0:
-        raise _fail("io_getevents")
-    return n
 
 
 # --- buffers and operations --------------------------------------------------

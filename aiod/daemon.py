@@ -5,8 +5,15 @@
     shutdown()   drain -> cancel -> destroy -> report, exit 0
 
 Signal handlers (aiod.signals) only record the signal and wake the loop; the
-loop acts on them: TERM/INT shut down, a second TERM/INT during the drain
-skips to cancel, HUP reloads (and is ignored during shutdown).
+loop acts on them through a handle_<signal> table: TERM/INT shut down, a
+second TERM/INT during the drain skips to cancel, HUP reloads (and is ignored
+during shutdown).
+
+A reload reads and parses the file on a worker (aiod.worker) while the loop
+keeps turning; once parsed, aiod.reload.plan says what differs, every step
+that can fail is prepared, and only then committed. The live pools and jobs
+are kept in aiod.registry, which the metrics collector reads; the shutdown
+report is aiod.report's.
 
 The loop never waits on the kernel's teardown of a context: shrinks, pool
 removals and shutdown hand contexts to their pool's teardown (aiod.teardown),
