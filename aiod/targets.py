@@ -377,11 +377,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
+# Kernel filesystems: a missing name there is a mistyped device, never a file
+# to make (in /dev, as root, it would be a 64 MiB file held in RAM).
+NEVER_CREATE_UNDER = (Path("/dev"), Path("/proc"), Path("/sys"))
+
+
 def _stat_existing(path: Path) -> os.stat_result | None:
     """The target's stat, or None when it is missing and may be created."""
     try:
         return os.stat(path)
     except FileNotFoundError:
+        top = next((d for d in NEVER_CREATE_UNDER if path.is_relative_to(d)), None)
+        if top is not None:
+            raise TargetError("missing", f"{path} does not exist, and aiod creates no files "
+                              f"under {top}: is the device name right?", _errno.ENOENT) from None
         if not path.parent.is_dir():
             raise TargetError("missing", f"cannot create {path}: directory {path.parent} "
                               "does not exist", _errno.ENOENT) from None

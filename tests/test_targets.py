@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aiod.targets import OwnedFiles, TargetError, open_fifo, open_target
+from aiod.targets import OwnedFiles, TargetError, open_fifo, open_target, target_missing
 
 
 def test_missing_file_is_created_with_real_data_and_recorded_as_ours(tmp_path: Path) -> None:
@@ -102,3 +102,16 @@ def test_full_disk_is_a_target_error_and_leaves_no_partial_file(tiny_fs: Path) -
     assert ei.value.reason == "no_space"
     assert "No space left" in str(ei.value)
     assert not (tiny_fs / "big.dat").exists()
+
+
+@pytest.mark.parametrize("path", ["/dev/aiod-no-such-disk", "/dev/shm/aiod-no-such-file",
+                                  "/sys/aiod-no-such-file"])
+def test_a_missing_name_under_dev_or_sys_is_an_error_never_a_file_to_create(path: str) -> None:
+    for make in (lambda: target_missing(Path(path)),
+                 lambda: open_target(Path(path), size=1 << 20, block_size=4096, direct=False,
+                                     needs_write=False, allow_write=False, owned=None),
+                 lambda: open_fifo(Path(path))):
+        with pytest.raises(TargetError) as e:
+            make()
+        assert e.value.reason == "missing" and "is the device name right?" in str(e.value)
+    assert not os.path.exists(path)
