@@ -38,8 +38,9 @@ AUDIT_INTERVAL = 5.0       # seconds between self-audits; a leak is confirmed by
 SCAN_DEADLINE = 10.0       # a host scan stops reading maps files after this long
 SCAN_STUCK = 60.0          # a scan still running after this long is reported, once
 
-HIDDEN_HINT = ("install the drop-in systemd/aiod.service.d-host-scan/host-scan.conf as "
-               "/etc/systemd/system/aiod.service.d/host-scan.conf and restart aiod")
+HIDDEN_HINT = ("install the host-scan drop-in (/usr/share/aiod/host-scan/host-scan.conf from "
+               "the Debian package, systemd/aiod.service.d-host-scan/host-scan.conf in the "
+               "source) as /etc/systemd/system/aiod.service.d/host-scan.conf and restart aiod")
 
 
 @dataclass
