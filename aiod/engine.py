@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from aiod import aio
 from aiod.lifecycle import ContextState, LifecycleRecord
-from aiod.pool import LATENCY_BUCKETS, OpStats
+from aiod.accounting import LATENCY_BUCKETS, OpStats
 
 _engine: ModuleType | None
 try:

@@ -34,11 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from aiod import aio
-
-# aiod.engine imports these from here (the lead moves it to aiod.accounting, issue 14).
-from aiod.accounting import LATENCY_BUCKETS as LATENCY_BUCKETS
-from aiod.accounting import Ledger
-from aiod.accounting import OpStats as OpStats
+from aiod.accounting import Ledger, OpStats
 from aiod.lifecycle import (
     KEEP_ENDED,
     ContextState,
