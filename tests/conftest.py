@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from aiod import aio
+from tests.daemon_harness import Aiod
 
 
 @pytest.fixture
@@ -55,6 +56,7 @@ def live_contexts(pid: str = "self") -> int:
 _NEIGHBOUR = """
 import random, sys, time
 from aiod import aio
+from tests.daemon_harness import Aiod
 held = []
 print("up", flush=True)
 while True:
@@ -82,3 +84,12 @@ def aio_neighbour() -> Iterator[None]:
         proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Aiod]]:
+    """Daemons a test starts (append them); each is stopped afterwards."""
+    started: list[Aiod] = []
+    yield started
+    for d in started:
+        d.stop()

@@ -11,11 +11,8 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from aiod import aio
 from aiod.daemon import MAX_WAIT
@@ -27,14 +24,6 @@ NR_EVENTS = 256
 CONTEXTS = 8
 MIN_CONTEXTS = 2
 SLACK = 4 * NR_EVENTS      # free headroom above the reserve with aiod at full size
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Aiod]]:
-    started: list[Aiod] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def config(reserve: int) -> dict[str, Any]:

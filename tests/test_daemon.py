@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,6 @@ def base_config(**over: Any) -> dict[str, Any]:
     }
     cfg.update(over)
     return cfg
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[Aiod]]:
-    started: list[Aiod] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def start(daemons: list[Aiod], tmp: Path, cfg: dict[str, Any], **kw: Any) -> Aiod:

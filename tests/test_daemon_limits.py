@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,6 @@ def base_config(**over: Any) -> dict[str, Any]:
     }
     cfg.update(over)
     return cfg
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Aiod]]:
-    started: list[Aiod] = []
-    yield started
-    for d in started:
-        d.stop()
 
 
 def start(daemons: list[Aiod], tmp: Path, cfg: dict[str, Any]) -> Aiod:

@@ -6,7 +6,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +76,6 @@ def test_a_cancelled_fill_removes_its_partial_file(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------ inside the daemon
-@pytest.fixture
-def daemons() -> Iterator[list[Aiod]]:
-    started: list[Aiod] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 def config(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"log_level": "info",
             "shutdown": {"drain_timeout": "2s", "destroy_timeout": "10s"},

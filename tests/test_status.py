@@ -18,7 +18,7 @@ from aiod.accounting import LATENCY_BUCKETS
 from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_SERVING, EXIT_UNREACHABLE
 from aiod.status import RecentLatency, quantile, status_url
 from tests.daemon_harness import AIOD, ROOT, Aiod, free_port
-from tests.test_daemon import base_config, daemons, start  # noqa: F401 - fixture
+from tests.test_daemon import base_config, start
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
