@@ -32,14 +32,6 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0)
 _BUCKETS_NS = [int(b * 1e9) for b in LATENCY_BUCKETS]
 
-OP_NAMES = {
-    aio.IOCB_CMD_PREAD: "read", aio.IOCB_CMD_PWRITE: "write",
-    aio.IOCB_CMD_PREADV: "readv", aio.IOCB_CMD_PWRITEV: "writev",
-    aio.IOCB_CMD_FSYNC: "fsync", aio.IOCB_CMD_FDSYNC: "fdsync",
-    aio.IOCB_CMD_POLL: "poll", aio.IOCB_CMD_NOOP: "noop",
-}
-
-
 class Outcome(str, enum.Enum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
@@ -176,7 +168,8 @@ class Ledger:
                 tag = op.tag = OpTag()
             if tag.job != job or tag.stats is None:
                 tag.job = job
-                tag.stats = stats_for(job, OP_NAMES.get(op.opcode, "other"))
+                kind = op.kind
+                tag.stats = stats_for(job, kind.value if kind is not None else "other")
             tag.slot = slot
             tag.submitted_ns = now_ns
             tag.cancel_requested = False

@@ -27,6 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from aiod.opkind import (
+    IOCB_CMD_FDSYNC,
+    IOCB_CMD_FSYNC,
+    IOCB_CMD_POLL,
+    IOCB_CMD_PREAD,
+    IOCB_CMD_PREADV,
+    IOCB_CMD_PWRITE,
+    IOCB_CMD_PWRITEV,
+    OpKind,
+)
+
 __all__ = [
     "IOCB",
     "AioError",
@@ -50,20 +61,7 @@ __all__ = [
 ]
 
 # --- opcodes and flags (linux/aio_abi.h, linux/fs.h) -------------------------
-IOCB_CMD_PREAD = 0
-IOCB_CMD_PWRITE = 1
-IOCB_CMD_FSYNC = 2
-IOCB_CMD_FDSYNC = 3
-IOCB_CMD_POLL = 5
-IOCB_CMD_NOOP = 6
-IOCB_CMD_PREADV = 7
-IOCB_CMD_PWRITEV = 8
-
-OPCODE_NAMES = {
-    IOCB_CMD_PREAD: "pread", IOCB_CMD_PWRITE: "pwrite", IOCB_CMD_FSYNC: "fsync",
-    IOCB_CMD_FDSYNC: "fdsync", IOCB_CMD_POLL: "poll", IOCB_CMD_NOOP: "noop",
-    IOCB_CMD_PREADV: "preadv", IOCB_CMD_PWRITEV: "pwritev",
-}
+# The opcodes (IOCB_CMD_*) come from aiod.opkind, the op-kind vocabulary.
 
 IOCB_FLAG_RESFD = 1 << 0
 IOCB_FLAG_IOPRIO = 1 << 1
@@ -312,7 +310,12 @@ class Op:
 
     @property
     def name(self) -> str:
-        return OPCODE_NAMES.get(self.opcode, str(self.opcode))
+        kind = OpKind.of(self.opcode)
+        return kind.syscall if kind is not None else str(self.opcode)
+
+    @property
+    def kind(self) -> OpKind | None:
+        return OpKind.of(self.opcode)
 
     @property
     def address(self) -> int:

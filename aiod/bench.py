@@ -37,10 +37,11 @@ from aiod.config import parse_duration, parse_size, physical_memory
 from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
 from aiod.engine import EngineContext, Ledger, require
 from aiod.lifecycle import ContextState
+from aiod.opkind import JobOp, OpKind
 from aiod.pool import PoolCapacityError, PoolError, PoolSnapshot
 from aiod.targets import TargetError, create_filled
 
-RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
+RW_MODES = tuple(m.value for m in JobOp if m.moves_data)
 
 
 class BenchError(Exception):
@@ -146,7 +147,7 @@ def _settings(args: argparse.Namespace) -> Settings:
                          "and --iodepth")
     if runtime <= 0:
         raise BenchError(f"--runtime {args.runtime}: must be positive")
-    kinds = 2 if args.rw == "randrw" else 1
+    kinds = len(JobOp(args.rw).buffered_kinds)
     need, have = kinds * args.iodepth * bs, physical_memory()
     if need > have:
         raise BenchError(f"--iodepth {args.iodepth} x --bs {args.bs}"
@@ -163,7 +164,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _open(s: Settings) -> tuple[int, int]:
     """Open (creating when missing) the target; returns (fd, usable size)."""
-    writes = s.rw in ("write", "randwrite", "randrw")
+    writes = JobOp(s.rw).writes
     try:
         st = os.stat(s.target)
     except FileNotFoundError:
@@ -209,9 +210,9 @@ def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
     per_ctx = -(-s.iodepth // s.contexts)
     job = "bench"
     rng = random.Random(0x5EED)
-    writes_too = s.rw in ("write", "randwrite", "randrw")
-    kinds = (["write"] if s.rw in ("write", "randwrite") else
-             (["read", "write"] if s.rw == "randrw" else ["read"]))
+    mode = JobOp(s.rw)
+    writes_too = mode.writes
+    kinds = [k.value for k in mode.buffered_kinds]
     eng = require()
     ledger = Ledger()
     rows = {k: ledger.row(job, k, fine=True) for k in kinds}
@@ -236,11 +237,11 @@ def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
             left -= depth
             first = c * per_ctx
             opset = eng.OpSet(ledger.acct, depth * len(kinds),
-                                  pattern="seq" if s.rw in ("read", "write") else "rand",
+                                  pattern="seq" if mode.sequential else "rand",
                                   nblocks=nblocks, block_size=s.bs, seed=0x5EED + c,
                                   mix=0.5 if len(kinds) == 2 else 0.0, depth=depth)
             for cls, k in enumerate(kinds):
-                code = aio.IOCB_CMD_PWRITE if k == "write" else aio.IOCB_CMD_PREAD
+                code = OpKind(k).opcode
                 for b in bufs[k][first:first + depth]:
                     opset.add(code, fd, b.address, b.size, rows[k], cls=cls, owner=b)
             opsets.append(opset)

@@ -31,6 +31,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from aiod.aio import MAX_NR_EVENTS
+from aiod.opkind import JobOp
 
 DEFAULT_PATH = Path("/etc/aiod/aiod.yaml")
 EMBEDDED_SOURCE = "<embedded default>"
@@ -40,8 +41,7 @@ JOB_TYPES = ("probe", "load")
 # poll: IOCB_CMD_POLL on a FIFO (aiod.targets.open_fifo); it holds a context
 # slot until data arrives, which the daemon's tests use for I/O that stays
 # in flight. Not in the original schema; aiod.jobs implements it.
-JOB_OPS = ("read", "randread", "write", "randwrite", "randrw", "fsync", "poll")
-WRITE_OPS = frozenset({"write", "randwrite", "randrw"})
+JOB_OPS = tuple(m.value for m in JobOp)
 
 # A real configuration is a few KiB (50 pools and 50 jobs: about 10 KiB).
 MAX_CONFIG_BYTES = 1 << 20
@@ -567,8 +567,7 @@ def physical_memory() -> int:
 
 def buffer_bytes(op: str, iodepth: int, block_size: int) -> int:
     """The I/O buffers a job maps: one per op in flight, per kind of op it issues."""
-    kinds = {"randrw": 2, "fsync": 0, "poll": 0}.get(op, 1)
-    return kinds * iodepth * block_size
+    return len(JobOp(op).buffered_kinds) * iodepth * block_size
 
 
 def parse(text: str, source: str, env: Mapping[str, str] | None = None,

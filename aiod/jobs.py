@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 from aiod import aio
 from aiod.accounting import OpTag, Outcome
-from aiod.config import WRITE_OPS, JobConfig
+from aiod.config import JobConfig
 from aiod.fill import Fill
 from aiod.logs import LogLimiter
+from aiod.opkind import JobOp, OpKind
 from aiod.pool import Pool, PoolClosed
 from aiod.targets import (
     OpenTarget,
@@ -84,8 +85,9 @@ class Job:
         self._rng = rng or random.Random()
         self.state = JobState.STARTING
         self.target: OpenTarget | None = None
-        self._free: dict[str, list[aio.Op]] = {"read": [], "write": [], "fsync": [],
-                                               "poll": []}
+        self.mode = JobOp(cfg.op)
+        self._kinds = self.mode.kinds
+        self._free: dict[OpKind, list[aio.Op]] = {k: [] for k in self._kinds}
         self._ops: list[aio.Op] = []
         self.in_flight = 0
         self._next_due = 0.0
@@ -111,12 +113,8 @@ class Job:
         self.errors: dict[str, int] = {}
         self.timeouts = 0
         self.skipped = 0
-        self.needs_write = cfg.op in WRITE_OPS
-        kinds = {"read": ("read",), "randread": ("read",), "write": ("write",),
-                 "randwrite": ("write",), "randrw": ("read", "write"),
-                 "fsync": ("fsync",), "poll": ("poll",)}[cfg.op]
-        self._kinds = kinds
-        self._buffers: dict[str, list[aio.Buffer]] | None = None
+        self.needs_write = self.mode.writes
+        self._buffers: dict[OpKind, list[aio.Buffer]] | None = None
 
     def allocate(self) -> None:
         """Allocate the job's I/O buffers: the one part of starting that can fail
@@ -127,19 +125,17 @@ class Job:
         if self._buffers is not None:
             return
         bs, depth = self.cfg.block_size, max(1, self.cfg.iodepth)
-        buffers: dict[str, list[aio.Buffer]] = {}
+        buffers: dict[OpKind, list[aio.Buffer]] = {}
         try:
-            for kind in self._kinds:
-                if kind not in ("read", "write"):
-                    continue
+            for kind in self.mode.buffered_kinds:
                 # One slab per kind, not a mapping per buffer (vm.max_map_count).
                 bufs = buffers[kind] = aio.aligned_buffers(depth, bs)
-                if kind == "write":
+                if kind is OpKind.WRITE:
                     for buf in bufs:
                         buf.view[:] = self._rng.randbytes(bs)
         except (OSError, MemoryError, OverflowError, ValueError) as e:
             buffers.clear()
-            n = depth * sum(1 for k in self._kinds if k in ("read", "write"))
+            n = depth * len(self.mode.buffered_kinds)
             why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or
                                                                             type(e).__name__)
             raise JobResourceError(f"job {self.name}: cannot allocate its I/O buffers "
@@ -155,9 +151,9 @@ class Job:
         """
         now = self._clock()
         self.allocate()
-        self.pool.register(self.name, self._kinds)  # its series exist from the first start
+        self.pool.register(self.name, [k.value for k in self._kinds])  # its series exist from the first start
         try:
-            if self.cfg.op == "poll":
+            if self.mode is JobOp.POLL:
                 self.target = open_fifo(self.cfg.target)
             else:
                 if target_missing(self.cfg.target):
@@ -224,7 +220,7 @@ class Job:
         self._next_check = 0.0
 
     def _poll_check(self, now: float) -> None:
-        if self.target is None or self.cfg.op == "poll":
+        if self.target is None or self.mode is JobOp.POLL:
             return
         if self._check is None:
             if now >= self._next_check:
@@ -266,11 +262,11 @@ class Job:
         self._flagged.clear()
         for kind in self._kinds:
             for i in range(depth):
-                if kind == "read":
-                    op = aio.read(fd, self._buffers["read"][i], 0)
-                elif kind == "write":
-                    op = aio.write(fd, self._buffers["write"][i], 0)
-                elif kind == "poll":
+                if kind is OpKind.READ:
+                    op = aio.read(fd, self._buffers[kind][i], 0)
+                elif kind is OpKind.WRITE:
+                    op = aio.write(fd, self._buffers[kind][i], 0)
+                elif kind is OpKind.POLL:
                     op = aio.poll(fd, select.POLLIN)
                 else:
                     op = aio.fsync(fd)
@@ -316,8 +312,8 @@ class Job:
             kind = other[0]
             free = self._free[kind]
         op = free.pop()
-        if kind in ("read", "write"):
-            if self.cfg.op in ("read", "write"):
+        if kind.moves_data:
+            if self.mode.sequential:
                 off = self._seq
                 self._seq = (self._seq + 1) % self._nblocks
             else:
@@ -382,7 +378,9 @@ class Job:
                 self.in_flight += 1
 
     def _release(self, op: aio.Op) -> None:
-        self._free[_kind(op)].append(op)
+        kind = op.kind
+        assert kind is not None  # a job builds only ops of its own kinds
+        self._free[kind].append(op)
 
     def complete(self, op: aio.Op) -> None:
         """The pool accounted op's completion; take it back for reuse."""
@@ -401,13 +399,12 @@ class Job:
     def _check_length(self, op: aio.Op) -> None:
         """A read or write that moved fewer bytes than asked is an error, not a fast op:
         the file is shorter than when the job opened it."""
-        code = op.opcode
-        if code not in (aio.IOCB_CMD_PREAD, aio.IOCB_CMD_PWRITE):
+        kind = op.kind
+        if kind is None or not kind.moves_data:
             return
         want = int(op.iocb.aio_nbytes)
         if op.res is None or op.res >= want:
             return
-        kind = "read" if code == aio.IOCB_CMD_PREAD else "write"
         self._count_error(f"short_{kind}")
         self.check_target_soon()
         self._limiter.log(f"short_{kind}", logging.ERROR, f"short-{kind} errors for job "
@@ -479,13 +476,3 @@ def _size_text(n: int) -> str:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
 
-
-def _kind(op: aio.Op) -> str:
-    code = op.opcode
-    if code == aio.IOCB_CMD_PWRITE:
-        return "write"
-    if code == aio.IOCB_CMD_FSYNC:
-        return "fsync"
-    if code == aio.IOCB_CMD_POLL:
-        return "poll"
-    return "read"
