@@ -40,7 +40,7 @@ from aiod import config as config_mod
 from aiod.budget import Budget
 from aiod.config import Config, ConfigError, JobConfig
 from aiod.exit_codes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL
-from aiod.jobs import Job, JobResourceError, JobState
+from aiod.jobs import Job, JobResourceError, JobState, make_job
 from aiod.metrics import JobView, MetricsServer, make_registry
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolCapacityError, PoolError, PoolSnapshot
@@ -272,7 +272,7 @@ class Daemon:
         """Jobs built with their buffers allocated, not yet started. Raises StartupError."""
         prepared: dict[str, Job] = {}
         for jc in jcs:
-            job = Job(jc, pools[jc.pool], owned, clock=self.clock)
+            job = make_job(jc, pools[jc.pool], owned, clock=self.clock)
             try:
                 job.allocate()
             except JobResourceError as e:

@@ -1,9 +1,12 @@
 """Jobs: the I/O aiod drives through its pools.
 
-A probe issues operations at a fixed rate (at most ``iodepth`` in flight) and
-measures each one's latency from submit to completion; a load job keeps
-``iodepth`` operations in flight all the time. Both reuse a fixed set of ops,
-so a running job allocates nothing per operation.
+:class:`ProbeJob` issues operations at a fixed rate (at most ``iodepth`` in
+flight) and measures each one's latency from submit to completion;
+:class:`LoadJob` keeps ``iodepth`` operations in flight all the time. Both
+are a :class:`Job`, which owns the target, the ops, their states and their
+errors; the two differ only in what they submit when (``_submit_due``).
+:func:`make_job` builds the one a config names. Both reuse a fixed set of
+ops, so a running job allocates nothing per operation.
 
 A job whose target cannot be used (missing, permission, full disk, refused
 write) does not stop the daemon: the error is counted, logged, and the job
@@ -72,7 +75,11 @@ class JobState(str, enum.Enum):
 
 
 class Job:
-    """One configured job bound to its pool."""
+    """One configured job bound to its pool: what probes and load jobs share.
+
+    Subclasses say what to submit when the job is running (``_submit_due``)
+    and when that next needs the loop (``_due_wakeup``).
+    """
 
     def __init__(self, cfg: JobConfig, pool: Pool, owned: OwnedFiles | None,
                  clock: Callable[[], float] = time.monotonic,
@@ -90,7 +97,6 @@ class Job:
         self._free: dict[OpKind, list[aio.Op]] = {k: [] for k in self._kinds}
         self._ops: list[aio.Op] = []
         self.in_flight = 0
-        self._next_due = 0.0
         self._retry_at = 0.0
         self._seq = 0
         self._nblocks = 0
@@ -100,8 +106,6 @@ class Job:
         # interval, then a count of the rest.
         self._limiter = LogLimiter(log, interval=LOG_INTERVAL, burst=LOG_BURST, clock=clock)
         self._next_log_flush = 0.0
-        self._pause_until = 0.0
-        self._backoff = 0.0
         self._fill: Fill | None = None
         self._filled = False  # our own fill just put the target there
         self._next_fill_log = 0.0
@@ -172,7 +176,7 @@ class Job:
             self._filled = False
         self._build_ops()
         self.state = JobState.RUNNING
-        self._next_due = now
+        self._started(now)
         self._next_check = now + CHECK_INTERVAL
         return True
 
@@ -336,27 +340,28 @@ class Job:
             self._reopen()
         if self.state is not JobState.RUNNING:
             return
-        if self.cfg.type == "load" and now < self._pause_until:
+        if not self._submit_due(now):
             return
-        if self.cfg.type == "load":
-            want = self.cfg.iodepth - self.in_flight
-            if want > 0:
-                self._submit([op for op in (self._next_op() for _ in range(want)) if op])
-        else:
-            interval = 1.0 / self.cfg.rate
-            if now < self._next_due:
-                return
-            if self.in_flight >= self.cfg.iodepth:
-                self.skipped += 1
-            else:
-                op = self._next_op()
-                if op is not None:
-                    self._submit([op])
-            self._next_due += interval
-            if self._next_due < now - interval:  # fell behind (stalled loop): no burst
-                self._next_due = now + interval
         if now >= self._next_timeout_check:
             self._check_timeouts(now)
+
+    # What the two kinds of job differ in.
+    def _started(self, now: float) -> None:
+        """The job is running from now on."""
+
+    def _submit_due(self, now: float) -> bool:
+        """Submit what is due at now; False when nothing else is to be done in this pump."""
+        raise NotImplementedError
+
+    def _due_wakeup(self) -> float | None:
+        """When the running job next has something to submit (None: on completions)."""
+        raise NotImplementedError
+
+    def _failed(self, now: float) -> None:
+        """An op of the job failed at now."""
+
+    def _succeeded(self) -> None:
+        """An op of the job did not fail."""
 
     def _submit(self, ops: list[aio.Op]) -> None:
         if not ops:
@@ -389,7 +394,7 @@ class Job:
         if op.tag is not None and op.tag.outcome is Outcome.FAILED:
             self._note_failure(op)
         else:
-            self._backoff = 0.0
+            self._succeeded()
             if op.tag is not None and op.tag.outcome is Outcome.COMPLETED:
                 self._check_length(op)
         self._release(op)
@@ -416,9 +421,7 @@ class Job:
 
     def _note_failure(self, op: aio.Op) -> None:
         err = op.tag.errno if op.tag is not None else 0
-        now = self._clock()
-        self._backoff = min(FAILURE_BACKOFF_MAX, max(FAILURE_BACKOFF_MIN, self._backoff * 2))
-        self._pause_until = now + self._backoff
+        self._failed(self._clock())
         self._limiter.log(("failed", err), logging.ERROR,
                           f"'{os.strerror(err)}' errors for job {self.name}",
                           "job %s: %s on %s failed: %s", self.name, op.name,
@@ -463,11 +466,81 @@ class Job:
             return None
         if self._check is not None:
             return self._clock() + FILL_POLL_INTERVAL
-        if self.cfg.type == "probe":
-            return min(self._next_due, self._next_check)
+        return self._due_wakeup()
+
+
+class ProbeJob(Job):
+    """Issues one op every 1/rate seconds, skipping (and counting) a tick when
+    iodepth ops are still in flight; it never bursts to catch up."""
+
+    def __init__(self, cfg: JobConfig, pool: Pool, owned: OwnedFiles | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(cfg, pool, owned, clock=clock, rng=rng)
+        self._next_due = 0.0
+
+    def _started(self, now: float) -> None:
+        self._next_due = now
+
+    def _submit_due(self, now: float) -> bool:
+        interval = 1.0 / self.cfg.rate
+        if now < self._next_due:
+            return False
+        if self.in_flight >= self.cfg.iodepth:
+            self.skipped += 1
+        else:
+            op = self._next_op()
+            if op is not None:
+                self._submit([op])
+        self._next_due += interval
+        if self._next_due < now - interval:  # fell behind (stalled loop): no burst
+            self._next_due = now + interval
+        return True
+
+    def _due_wakeup(self) -> float | None:
+        return min(self._next_due, self._next_check)
+
+
+class LoadJob(Job):
+    """Keeps iodepth ops in flight; after a failed op it pauses, doubling the
+    pause while failures go on (FAILURE_BACKOFF_MIN to FAILURE_BACKOFF_MAX)."""
+
+    def __init__(self, cfg: JobConfig, pool: Pool, owned: OwnedFiles | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(cfg, pool, owned, clock=clock, rng=rng)
+        self._pause_until = 0.0
+        self._backoff = 0.0
+
+    def _submit_due(self, now: float) -> bool:
+        if now < self._pause_until:
+            return False
+        want = self.cfg.iodepth - self.in_flight
+        if want > 0:
+            self._submit([op for op in (self._next_op() for _ in range(want)) if op])
+        return True
+
+    def _due_wakeup(self) -> float | None:
         if self._pause_until > self._clock():
             return self._pause_until
         return None
+
+    def _failed(self, now: float) -> None:
+        self._backoff = min(FAILURE_BACKOFF_MAX, max(FAILURE_BACKOFF_MIN, self._backoff * 2))
+        self._pause_until = now + self._backoff
+
+    def _succeeded(self) -> None:
+        self._backoff = 0.0
+
+
+JOB_CLASSES: dict[str, type[Job]] = {"probe": ProbeJob, "load": LoadJob}
+
+
+def make_job(cfg: JobConfig, pool: Pool, owned: OwnedFiles | None,
+             clock: Callable[[], float] = time.monotonic,
+             rng: random.Random | None = None) -> Job:
+    """The job a config's ``type`` names, bound to its pool."""
+    return JOB_CLASSES[cfg.type](cfg, pool, owned, clock=clock, rng=rng)
 
 
 def _size_text(n: int) -> str:

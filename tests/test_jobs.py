@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiod import aio
 from aiod.config import JobConfig
-from aiod.jobs import Job
+from aiod.jobs import LoadJob, ProbeJob, make_job
 from aiod.pool import Pool
 
 
@@ -25,7 +25,8 @@ def test_an_op_the_full_pool_refused_is_skipped_not_hung(tmp_path: Path,
     (tmp_path / "t.dat").write_bytes(os.urandom(1 << 20))
     try:
         assert pool.submit([aio.poll(r)], job="holder") == []  # the only slot, forever
-        job = Job(probe(tmp_path / "t.dat", timeout=0.01), pool, owned=None)
+        job = make_job(probe(tmp_path / "t.dat", timeout=0.01), pool, owned=None)
+        assert isinstance(job, ProbeJob)
         assert job.start()
         job.pump(time.monotonic())
         assert job.skipped == 1 and job.in_flight == 0
@@ -42,7 +43,8 @@ def test_an_op_in_flight_past_its_timeout_is_flagged_once(tmp_path: Path) -> Non
     cfg = JobConfig(name="h", pool="p", type="load", target=fifo, size=0, op="poll",
                     block_size=4096, direct=False, rate=1.0, iodepth=1, timeout=0.01,
                     allow_write=False)
-    job = Job(cfg, pool, owned=None)
+    job = make_job(cfg, pool, owned=None)
+    assert isinstance(job, LoadJob)
     try:
         assert job.start()
         job.pump(time.monotonic())
@@ -71,7 +73,7 @@ def test_a_job_deeper_than_vm_max_map_count_maps_its_buffers_in_slabs(tmp_path: 
                     iodepth=70_000, timeout=5.0, allow_write=False)
     (tmp_path / "deep.dat").write_bytes(os.urandom(1 << 20))  # start() fills missing ones later
     pool = Pool("p", 1, 1)
-    job = Job(cfg, pool, owned=None)
+    job = make_job(cfg, pool, owned=None)
     before = _mappings()
     try:
         assert job.start()
