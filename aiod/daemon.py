@@ -411,7 +411,8 @@ class Daemon:
         its teardown cancels and destroys on threads. The loop only looks."""
         for r in list(self._retiring_pools):
             pool = r.pool
-            if pool.accepting:
+            if not r.retired:
+                r.retired = True
                 pool.retire(self.cfg.shutdown.drain_timeout, self.cfg.shutdown.destroy_timeout)
             if not pool.torn_down or pool.stuck:
                 continue  # a stuck context keeps its pool on show until io_destroy returns

@@ -274,10 +274,6 @@ class Pool:
 
     # -------------------------------------------------------------- properties
     @property
-    def accepting(self) -> bool:
-        return self._accepting
-
-    @property
     def size(self) -> int:
         """Contexts that accept submissions."""
         return len(self._active)

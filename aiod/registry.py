@@ -27,6 +27,7 @@ class RetiringPool:
 
     pool: Pool
     since: float
+    retired: bool = False  # Pool.retire called: no new submissions, teardown under way
 
 
 class Registry:
