@@ -32,6 +32,10 @@ class StderrFormatter(logging.Formatter):
         return line
 
 
+# The handler setup() installed; a second setup() only changes the level.
+_handler: logging.Handler | None = None
+
+
 def setup(level: str = "info", env: Mapping[str, str] | None = None,
           stream: TextIO | None = None) -> logging.Logger:
     """Configure the `aiod` logger once; call again to change the level."""
@@ -39,7 +43,8 @@ def setup(level: str = "info", env: Mapping[str, str] | None = None,
     logger = logging.getLogger("aiod")
     logger.setLevel(LEVELS.get(level, logging.INFO))
     logger.propagate = False
-    if getattr(logger, "_aiod_configured", False):
+    global _handler
+    if _handler is not None and _handler in logger.handlers:
         return logger
     handler: logging.Handler | None = None
     if env.get("JOURNAL_STREAM"):
@@ -52,7 +57,7 @@ def setup(level: str = "info", env: Mapping[str, str] | None = None,
         handler = logging.StreamHandler(stream or sys.stderr)
         handler.setFormatter(StderrFormatter())
     logger.addHandler(handler)
-    logger._aiod_configured = True  # type: ignore[attr-defined]
+    _handler = handler
     return logger
 
 

@@ -50,9 +50,8 @@ def test_watchdog_interval_is_half_of_watchdog_usec_and_honours_watchdog_pid() -
 
 def test_stderr_lines_carry_the_structured_fields() -> None:
     logger = logging.getLogger("aiod")
-    saved = (list(logger.handlers), getattr(logger, "_aiod_configured", False))
-    logger.handlers.clear()
-    logger._aiod_configured = False  # type: ignore[attr-defined]
+    saved = list(logger.handlers)
+    logger.handlers.clear()  # setup() installs its handler again when it is not there
     try:
         buf = io.StringIO()
         logs.setup("info", env={}, stream=buf)
@@ -63,5 +62,4 @@ def test_stderr_lines_carry_the_structured_fields() -> None:
         logging.getLogger("aiod.test").debug("hidden")
         assert "hidden" not in buf.getvalue()
     finally:
-        logger.handlers[:] = saved[0]
-        logger._aiod_configured = saved[1]  # type: ignore[attr-defined]
+        logger.handlers[:] = saved
