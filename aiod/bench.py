@@ -39,7 +39,7 @@ from aiod.engine import EngineContext, Ledger, require
 from aiod.lifecycle import ContextState
 from aiod.opkind import JobOp, OpKind
 from aiod.pool import PoolCapacityError, PoolError, PoolSnapshot
-from aiod.targets import TargetError, create_filled
+from aiod.targets import TargetError, open_target
 
 RW_MODES = tuple(m.value for m in JobOp if m.moves_data)
 
@@ -162,47 +162,29 @@ def _settings(args: argparse.Namespace) -> Settings:
                     userspace_reap=args.userspace_reap)
 
 
-def _open(s: Settings) -> tuple[int, int]:
-    """Open (creating when missing) the target; returns (fd, usable size)."""
-    writes = JobOp(s.rw).writes
-    try:
-        st = os.stat(s.target)
-    except FileNotFoundError:
-        if not s.target.parent.is_dir():
-            raise BenchError(f"cannot create {s.target}: directory {s.target.parent} "
-                             "does not exist") from None
-        try:
-            create_filled(s.target, s.size)
-        except TargetError as e:
-            raise BenchError(str(e)) from None
-        st = os.stat(s.target)
-    else:
-        if writes and not s.allow_overwrite:
-            raise BenchError(f"refusing to write to existing {s.target}: its data would be "
-                             "destroyed (pass --allow-overwrite)")
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise BenchError(f"{s.target} is neither a regular file nor a block device")
-    flags = (os.O_RDWR if writes else os.O_RDONLY) | os.O_CLOEXEC
-    if s.direct:
-        flags |= os.O_DIRECT
-    try:
-        fd = os.open(s.target, flags)
-    except OSError as e:
-        raise BenchError(f"cannot open {s.target}: {e.strerror}") from None
-    real = os.lseek(fd, 0, os.SEEK_END)
-    usable = min(real, s.size)
-    if usable < s.bs:
-        os.close(fd)
-        raise BenchError(f"{s.target} holds {real} bytes, less than one block of {s.bs}")
-    return fd, usable
-
-
 def run_bench(s: Settings, progress: bool = False) -> dict[str, Any]:
-    fd, usable = _open(s)
+    """Open (creating and filling when missing) the target the way a job does, and run."""
     try:
-        return _run(s, fd, usable, progress)
+        target = open_target(s.target, size=s.size, block_size=s.bs, direct=s.direct,
+                             needs_write=JobOp(s.rw).writes, allow_write=s.allow_overwrite,
+                             owned=None)
+    except TargetError as e:
+        raise BenchError(_target_message(s, e)) from None
+    try:
+        return _run(s, target.fd, min(target.size, s.size), progress)
     finally:
-        os.close(fd)
+        target.close()
+
+
+def _target_message(s: Settings, e: TargetError) -> str:
+    """The target's error in the words of this command's flags, not a job's keys."""
+    if e.reason == "write_refused":
+        return (f"refusing to write to existing {s.target}: its data would be destroyed "
+                "(pass --allow-overwrite)")
+    if e.reason == "direct_unsupported":
+        return (f"cannot open {s.target} with O_DIRECT: the filesystem does not support it "
+                "(pass --buffered)")
+    return str(e)
 
 
 def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:

@@ -222,30 +222,6 @@ class OpenTarget:
                     pass
 
 
-def create_filled(path: Path, size: int) -> None:
-    """Create path (which must not exist) holding size bytes of random data.
-
-    A partial file left by a full disk or an I/O error is removed, so a later
-    start never mistakes it for a complete one.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-    except OSError as e:
-        raise TargetError(_reason(e.errno or 0), f"cannot create {path}: {e.strerror}", e.errno) from e
-    try:
-        _write_random(fd, size)
-        os.fsync(fd)
-    except OSError as e:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise TargetError(_reason(e.errno or 0),
-                          f"cannot fill {path} with {size} bytes: {e.strerror}", e.errno) from e
-    os.close(fd)
-
-
 def _write_random(fd: int, size: int, progress: Callable[[int], None] | None = None,
                   cancelled: Callable[[], bool] | None = None) -> None:
     left = size
