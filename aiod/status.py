@@ -126,6 +126,80 @@ def quantile(q: float, buckets: list[int]) -> float | None:
     return LATENCY_BUCKETS[-1]
 
 
+@dataclass
+class _JobTotals:
+    """What a job's (pool, op) series add up to."""
+
+    last_completion: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, dict[str, int]] = field(default_factory=dict)  # job -> errno name -> n
+    ops: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _job_totals(pools: list[PoolSnapshot]) -> _JobTotals:
+    t = _JobTotals()
+    for p in pools:
+        for st in p.stats:
+            if st.last_completion is not None:
+                t.last_completion[st.job] = max(t.last_completion.get(st.job, 0.0),
+                                                st.last_completion)
+            f = t.failed.setdefault(st.job, {})
+            for err, n in st.failed.items():
+                f[errno_name(err)] = f.get(errno_name(err), 0) + n
+            o = t.ops.setdefault(st.job, {"submitted": 0, "completed": 0, "cancelled": 0})
+            o["submitted"] += st.submitted
+            o["completed"] += st.completed
+            o["cancelled"] += st.cancelled
+    return t
+
+
+def _recent_latency(cur: list[int], old: list[int] | None,
+                    window: float | None) -> dict[str, object]:
+    """A job's latency over the window since the baseline sample, or over its whole
+    life when there is no sample yet or its counters restarted."""
+    if old is None or len(old) != len(cur) or any(c < o for c, o in zip(cur, old)):
+        delta, window = cur, None
+    else:
+        delta = [c - o for c, o in zip(cur, old)]
+    return {"window_seconds": window, "ops": sum(delta),
+            "p50_seconds": quantile(0.5, delta), "p99_seconds": quantile(0.99, delta)}
+
+
+def _job_doc(j: JobView, info: DaemonInfo, t: _JobTotals, latency: dict[str, object],
+             now: float) -> dict[str, object]:
+    last = t.last_completion.get(j.name)
+    failed = t.failed.get(j.name, {})
+    return {
+        "name": j.name, "pool": j.pool, "state": j.state,
+        **info.job_kinds.get(j.name, {}),
+        "seconds_since_last_completion": None if last is None else max(0.0, now - last),
+        "latency": latency,
+        "ops": {**t.ops.get(j.name, {"submitted": 0, "completed": 0, "cancelled": 0}),
+                "failed": sum(failed.values())},
+        "failed_by_errno": dict(sorted(failed.items())),
+        "errors": dict(sorted(j.errors.items())),
+        "op_timeouts": j.timeouts,
+        "skipped_ops": j.skipped,
+    }
+
+
+def _pool_doc(p: PoolSnapshot, now: float) -> dict[str, object]:
+    return {
+        "name": p.name, "state": p.state, "nr_events": p.nr_events,
+        "contexts_by_state": {k: v for k, v in p.contexts_by_state().items()},
+        "in_flight": p.in_flight,
+        "oldest_in_flight_seconds": p.oldest_in_flight_seconds,
+        "totals": p.totals(),
+        "destroy_failures": p.destroy_failures,
+        "contexts": [{
+            "index": r.index, "kernel_id": r.kernel_id, "state": r.state.value,
+            "age_seconds": max(0.0, (r.destroyed_at or now) - r.created_at),
+            "submitted": r.submitted, "completed": r.completed,
+            "cancelled": r.cancelled, "failed": r.failed, "in_flight": r.in_flight,
+            "last_error": r.last_error,
+        } for r in p.records],
+    }
+
+
 def build(source: StatusSource, recent: RecentLatency,
           wall: Callable[[], float]) -> dict[str, object]:
     """The /status document."""
@@ -138,67 +212,12 @@ def build(source: StatusSource, recent: RecentLatency,
     recent.observe(now, pools)
 
     hist = _job_histograms(pools)
-    last_completion: dict[str, float] = {}
-    failed: dict[str, dict[str, int]] = {}
-    ops: dict[str, dict[str, int]] = {}
-    for p in pools:
-        for st in p.stats:
-            if st.last_completion is not None:
-                last_completion[st.job] = max(last_completion.get(st.job, 0.0),
-                                              st.last_completion)
-            f = failed.setdefault(st.job, {})
-            for err, n in st.failed.items():
-                f[errno_name(err)] = f.get(errno_name(err), 0) + n
-            o = ops.setdefault(st.job, {"submitted": 0, "completed": 0, "cancelled": 0})
-            o["submitted"] += st.submitted
-            o["completed"] += st.completed
-            o["cancelled"] += st.cancelled
-
-    job_docs: list[dict[str, object]] = []
-    for j in jobs:
-        cur = hist.get(j.name, [])
-        old = base.get(j.name)
-        window = now - base_ts if base_ts is not None else None
-        if old is None or len(old) != len(cur) or any(c < o for c, o in zip(cur, old)):
-            # no sample yet, or the job's counters restarted: its whole life
-            delta, window = cur, None
-        else:
-            delta = [c - o for c, o in zip(cur, old)]
-        last = last_completion.get(j.name)
-        p50, p99 = quantile(0.5, delta), quantile(0.99, delta)
-        doc: dict[str, object] = {
-            "name": j.name, "pool": j.pool, "state": j.state,
-            **info.job_kinds.get(j.name, {}),
-            "seconds_since_last_completion": None if last is None else max(0.0, now - last),
-            "latency": {"window_seconds": window, "ops": sum(delta),
-                        "p50_seconds": p50, "p99_seconds": p99},
-            "ops": {**ops.get(j.name, {"submitted": 0, "completed": 0, "cancelled": 0}),
-                    "failed": sum(failed.get(j.name, {}).values())},
-            "failed_by_errno": dict(sorted(failed.get(j.name, {}).items())),
-            "errors": dict(sorted(j.errors.items())),
-            "op_timeouts": j.timeouts,
-            "skipped_ops": j.skipped,
-        }
-        job_docs.append(doc)
-
-    pool_docs: list[dict[str, object]] = []
-    for p in pools:
-        pool_docs.append({
-            "name": p.name, "state": p.state, "nr_events": p.nr_events,
-            "contexts_by_state": {k: v for k, v in p.contexts_by_state().items()},
-            "in_flight": p.in_flight,
-            "oldest_in_flight_seconds": p.oldest_in_flight_seconds,
-            "totals": p.totals(),
-            "destroy_failures": p.destroy_failures,
-            "contexts": [{
-                "index": r.index, "kernel_id": r.kernel_id, "state": r.state.value,
-                "age_seconds": max(0.0, (r.destroyed_at or now) - r.created_at),
-                "submitted": r.submitted, "completed": r.completed,
-                "cancelled": r.cancelled, "failed": r.failed, "in_flight": r.in_flight,
-                "last_error": r.last_error,
-            } for r in p.records],
-        })
-
+    totals = _job_totals(pools)
+    window = now - base_ts if base_ts is not None else None
+    job_docs = [_job_doc(j, info, totals, _recent_latency(hist.get(j.name, []),
+                                                          base.get(j.name), window), now)
+                for j in jobs]
+    pool_docs = [_pool_doc(p, now) for p in pools]
     return {
         "version": __version__,
         "phase": info.phase,
