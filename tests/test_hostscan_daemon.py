@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from aiod.budget import Budget, host_metrics
 from aiod.daemon import Daemon
 from aiod.notify import Notifier
 from tests.daemon_harness import Aiod
-from tests.test_hostscan import Holder
+from tests.test_hostscan import Holder, holders  # noqa: F401 - fixture
 
 
 def test_series_stay_bounded_whatever_the_host_runs() -> None:
@@ -108,14 +107,6 @@ def test_a_scan_stuck_for_long_is_reported_once(tmp_path: Path, caplog: pytest.L
     finally:
         fd = os.open(proc / "4242/maps", os.O_WRONLY)
         os.close(fd)
-
-
-@pytest.fixture
-def holders() -> Iterator[list[Holder]]:
-    made: list[Holder] = []
-    yield made
-    for h in made:
-        h.close()
 
 
 def test_daemon_exports_the_holders(holders: list[Holder], tmp_path: Path) -> None:
