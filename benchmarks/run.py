@@ -132,9 +132,9 @@ def prepare(path: Path, size: int) -> None:
     if path.exists() and path.stat().st_size >= size:
         return
     sys.path.insert(0, str(ROOT))
-    from aiod.targets import create_filled
+    from aiod.targets import fill_target
     path.unlink(missing_ok=True)
-    create_filled(path, size)
+    fill_target(path, size, None)
 
 
 def warm(path: Path) -> None:
