@@ -102,6 +102,7 @@ class _Entry:
         "destroy_until",
         "drain_until",
         "errors",
+        "finished",
         "lost",
         "member",
         "requested",
@@ -119,6 +120,10 @@ class _Entry:
         self.requested = 0
         self.lost: list[aio.Op] = []
         self.thread: threading.Thread | None = None
+        # Set by the destroy thread before it wakes the loop: the thread itself
+        # is still alive for a moment after the wake, and a poll that looked at
+        # is_alive() then would sleep a whole loop turn on a finished destroy.
+        self.finished = threading.Event()
         self.errors: list[BaseException] = []
         self.stuck_since = 0.0
 
@@ -227,16 +232,13 @@ class Teardown:
                 return refused
             self._destroy(e, now)
         if e.step is Step.DESTROYING:
-            assert e.thread is not None
-            if e.thread.is_alive():
+            if not e.finished.is_set():
                 if now >= e.destroy_until:
                     self._stuck(e, now)
                 return refused
             self._destroyed(e)
-        elif e.step is Step.STUCK:
-            assert e.thread is not None
-            if not e.thread.is_alive():  # a look, never a wait
-                self._destroyed_late(e, now)
+        elif e.step is Step.STUCK and e.finished.is_set():  # a look, never a wait
+            self._destroyed_late(e, now)
         return refused
 
     def _cancel(self, e: _Entry, now: float) -> int:
@@ -260,7 +262,7 @@ class Teardown:
             1 for op in e.lost if op.tag is not None and op.tag.cancel_requested)
         rec = e.member.record
         e.thread = threading.Thread(target=_destroy_context,
-                                    args=(e.member.ctx, e.errors, self._wake),
+                                    args=(e.member.ctx, e.errors, e.finished, self._wake),
                                     name=f"io_destroy-{self._host.name}-{rec.index}",
                                     daemon=True)
         e.step = Step.DESTROYING
@@ -320,10 +322,11 @@ class Teardown:
 
 
 def _destroy_context(ctx: aio.Context, errors: list[BaseException],
-                     wake: Callable[[], None]) -> None:
+                     finished: threading.Event, wake: Callable[[], None]) -> None:
     try:
         ctx.destroy()
     except BaseException as e:  # noqa: BLE001 - reported by the teardown, never raised in a thread
         errors.append(e)
     finally:
+        finished.set()
         wake()
