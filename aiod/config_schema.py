@@ -7,6 +7,10 @@ interface: problems found on one line (a flow-style job, ``- {name: a,
 ...}``) are reported in it. From the tables come the known keys (and the
 "did you mean" hints), the defaults, the conversions and every check;
 aiod.config turns what they read into its frozen dataclasses.
+
+A new setting is a Setting in its table and a field of the same name in the
+dataclass (tests/test_config_schema.py holds them to each other), and a line
+in config/aiod.yaml, which documents every key.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ class Kind(Protocol):
 
 @dataclass(frozen=True)
 class Text:
+    """A string; with choices, one of them; with a pattern, matching it."""
+
     choices: Sequence[str] = ()
     pattern: re.Pattern[str] | None = None
     then: Callable[[str], object] | None = None  # a parser for text with a structure
@@ -55,6 +57,8 @@ class Text:
 
 @dataclass(frozen=True)
 class Integer:
+    """A whole number (not a boolean, not 4.0) from minimum, up to maximum when set."""
+
     minimum: int
     maximum: tuple[int, str] | None = None  # the largest value, and why: a phrase after it
 
@@ -71,6 +75,8 @@ class Integer:
 
 @dataclass(frozen=True)
 class Boolean:
+    """true or false (YAML 1.1: yes/no and on/off too)."""
+
     def convert(self, node: Node, value: object) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, found {describe(node)}")
@@ -110,6 +116,8 @@ class Each(Nested):
 
 @dataclass(frozen=True)
 class Setting:
+    """One key of a mapping: its type, and its default or what to say when it is missing."""
+
     key: str
     kind: Kind
     default: Any = None  # when the key is absent; None: no value (see required)
