@@ -1,202 +1,59 @@
-"""The files and devices jobs do I/O on, and which of them aiod may write.
+"""The files and devices jobs do I/O on: opening them, and noticing when they change.
 
-Users' data is never touched by default: aiod writes only to files it created
-itself, and it remembers which those are in ``owned-targets.json`` in its
-state directory: path, device, inode and a random token that is also stored
-in the file's ``user.aiod.token`` extended attribute. Inode numbers are reused
-at once on ext4, so a file deleted and replaced behind aiod's back would match
-on inode alone; it does not carry the token. Anything else, a block device or a
-file someone else made, is opened read-only unless the job says
-``allow_write: true``.
+Users' data is never touched by default: a target is opened for writing only
+when aiod created it (:mod:`aiod.owned` keeps that record) or the job says
+``allow_write: true``; a block device or a file someone else made is opened
+read-only. A missing target is created and filled (:mod:`aiod.fill`) before it
+is opened. While a job runs, :class:`TargetCheck` asks, on a worker, whether
+the file at the target's path is still the one it has open.
 
-A file aiod creates is filled with real data: after fallocate alone, reads of
-unwritten extents never reach the device and a probe would measure nothing.
-The fill goes to a hidden partial file beside the target (``.NAME.aiod-fill``,
-marked with the ``user.aiod.fill`` attribute), is recorded as aiod's, and is
-linked into place only once complete: a fill cut short by a signal, a crash or
-a full disk never leaves a short file under the target's name, and the next
-start redoes it.
+The names of the owned-files record, the fill and the errors are re-exported
+here, where jobs and tests have always imported them from.
 """
 
 from __future__ import annotations
 
 import errno as _errno
-import json
-import logging
 import os
-import re
-import secrets
 import stat
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("aiod.targets")
+from aiod.durable import write_atomic
+from aiod.fill import (
+    FILL_CHUNK,
+    FILL_SUFFIX,
+    FILL_XATTR,
+    FillCancelled,
+    fill_target,
+    partial_path,
+    remove_stale_partial,
+)
+from aiod.owned import OWNED_FILE, TOKEN_XATTR, OwnedFiles
+from aiod.target_error import TargetError, from_os_error
 
-OWNED_FILE = "owned-targets.json"
-TOKEN_XATTR = "user.aiod.token"
-FILL_XATTR = "user.aiod.fill"
-FILL_SUFFIX = ".aiod-fill"
-FILL_CHUNK = 1 << 20
-
-
-class TargetError(Exception):
-    """A target cannot be used. ``reason`` is a short label for metrics."""
-
-    def __init__(self, reason: str, message: str, err: int | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.errno = err
-
-
-def _reason(err: int) -> str:
-    return {_errno.ENOENT: "missing", _errno.EACCES: "permission", _errno.EPERM: "permission",
-            _errno.ENOSPC: "no_space", _errno.EDQUOT: "no_space", _errno.EROFS: "read_only",
-            _errno.EIO: "io_error"}.get(err, "os_error")
-
-
-class FillCancelled(Exception):
-    """A fill stopped because its job was stopped; its partial file is gone."""
-
-
-class OwnedFiles:
-    """The set of files aiod created, persisted atomically in the state directory.
-
-    Fills record their files from worker threads: ``add`` is serialised.
-
-    A record that cannot be read (truncated, not JSON, the wrong shape, a
-    directory) is renamed ``owned-targets.json.corrupt-<time>`` and logged;
-    until a new record is complete, a file that carries an aiod token in its
-    ``user.aiod.token`` attribute is taken back as aiod's (only aiod writes
-    that attribute, and only on files it created), and any other file is
-    refused for writing as usual.
-    """
-
-    def __init__(self, state_directory: Path) -> None:
-        self.path = state_directory / OWNED_FILE
-        self._lock = threading.Lock()
-        self._entries: dict[str, tuple[int, int, str | None]] = {}
-        self._reclaim = False
-        try:
-            text = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            self._set_aside(e.strerror or str(e))
-            return
-        try:
-            self._entries = _parse_owned(json.loads(text))
-        except RecursionError:
-            self._set_aside("nested too deeply")
-        except (ValueError, TypeError, OverflowError) as e:  # UnicodeDecodeError is a ValueError
-            self._set_aside(str(e).splitlines()[0] if str(e) else type(e).__name__)
-
-    def _set_aside(self, why: str) -> None:
-        self._reclaim = True
-        aside = self.path.with_name(
-            f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-        try:
-            os.rename(self.path, aside)
-            kept = f"kept aside as {aside}"
-        except OSError as e:
-            kept = f"not kept aside ({e.strerror}; it is left as it is)"
-        log.error("%s cannot be read (%s); %s. Files that carry aiod's token are taken back "
-                  "as aiod's; writes to any other file are refused", self.path, why, kept)
-
-    def owns(self, path: Path, st: os.stat_result) -> bool:
-        entry = self._entries.get(str(path))
-        if entry is None or entry[:2] != (st.st_dev, st.st_ino):
-            return self._reclaim and self._take_back(path, st)
-        token = entry[2]
-        if token is None:  # the filesystem could not store the token
-            return True
-        try:
-            return os.getxattr(path, TOKEN_XATTR) == token.encode()
-        except OSError:
-            return False
-
-    def _take_back(self, path: Path, st: os.stat_result) -> bool:
-        """After a lost record: a file carrying an aiod token is aiod's; record it again."""
-        try:
-            token = os.getxattr(path, TOKEN_XATTR).decode("ascii")
-        except (OSError, UnicodeDecodeError):
-            return False
-        if not _TOKEN_RE.fullmatch(token):
-            return False
-        try:
-            self._record(path, st, token)
-        except OSError as e:
-            log.warning("cannot record %s as aiod's own again in %s: %s", path, self.path,
-                        e.strerror)
-        log.info("%s carries aiod's token: taken back as aiod's own", path)
-        return True
-
-    def add(self, path: Path, st: os.stat_result, fd: int | None = None) -> None:
-        """Record path (dev/ino of st) as aiod's; the token goes on fd when given."""
-        token: str | None = secrets.token_hex(16)
-        try:
-            if fd is not None:
-                os.setxattr(fd, TOKEN_XATTR, token.encode())  # type: ignore[union-attr]
-            else:
-                os.setxattr(path, TOKEN_XATTR, token.encode())  # type: ignore[union-attr]
-        except OSError:
-            token = None
-        self._record(path, st, token)
-
-    def _record(self, path: Path, st: os.stat_result, token: str | None) -> None:
-        with self._lock:
-            entries = dict(self._entries)
-            entries[str(path)] = (st.st_dev, st.st_ino, token)
-            doc = {"files": {p: {"dev": d, "ino": i, "token": t}
-                             for p, (d, i, t) in entries.items()}}
-            write_atomic(self.path, json.dumps(doc, indent=2) + "\n")
-            self._entries = entries  # only once it is on disk
-
-
-_TOKEN_RE = re.compile(r"[0-9a-f]{32}")
-
-
-def _parse_owned(data: object) -> dict[str, tuple[int, int, str | None]]:
-    """The entries of a decoded record; ValueError when it has the wrong shape."""
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise ValueError('expected {"files": {...}}')
-    out: dict[str, tuple[int, int, str | None]] = {}
-    for p, v in data["files"].items():
-        if not isinstance(v, dict):
-            raise ValueError(f"the entry for {p} is not a mapping")
-        dev, ino, token = v.get("dev"), v.get("ino"), v.get("token")
-        for name, n in (("dev", dev), ("ino", ino)):
-            if type(n) is not int or not 0 <= n < 1 << 64:
-                raise ValueError(f"the entry for {p} has a bad {name}")
-        if token is not None and not (isinstance(token, str) and _TOKEN_RE.fullmatch(token)):
-            raise ValueError(f"the entry for {p} has a bad token")
-        out[p] = (dev, ino, token)  # type: ignore[assignment]
-    return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path so that a reader sees the old file or the new, never half.
-
-    On failure (a full disk, say) the temporary file is removed: nothing is
-    left behind but the old file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        try:
-            data = memoryview(text.encode())
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
+__all__ = [
+    "FILL_CHUNK",
+    "FILL_SUFFIX",
+    "FILL_XATTR",
+    "NEVER_CREATE_UNDER",
+    "OWNED_FILE",
+    "TOKEN_XATTR",
+    "FillCancelled",
+    "OpenTarget",
+    "OwnedFiles",
+    "TargetCheck",
+    "TargetError",
+    "fill_target",
+    "open_fifo",
+    "open_target",
+    "partial_path",
+    "remove_stale_partial",
+    "target_change",
+    "target_missing",
+    "write_atomic",
+]
 
 
 @dataclass
@@ -222,137 +79,6 @@ class OpenTarget:
                     pass
 
 
-def _write_random(fd: int, size: int, progress: Callable[[int], None] | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> None:
-    left = size
-    while left > 0:
-        if cancelled is not None and cancelled():
-            raise FillCancelled()
-        chunk = os.urandom(min(FILL_CHUNK, left))
-        view = memoryview(chunk)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        left -= len(chunk)
-        if progress is not None:
-            progress(size - left)
-
-
-def partial_path(path: Path) -> Path:
-    """Where a fill of path is written until it is complete."""
-    return path.with_name(f".{path.name}{FILL_SUFFIX}")
-
-
-def _is_our_partial(partial: Path, st: os.stat_result) -> bool:
-    if not stat.S_ISREG(st.st_mode):
-        return False
-    try:
-        return os.getxattr(partial, FILL_XATTR) == b"1"
-    except OSError:
-        # No xattrs on this filesystem: the name alone says it is aiod's.
-        return st.st_uid == os.geteuid()
-
-
-def remove_stale_partial(path: Path) -> None:
-    """Remove a partial file an interrupted fill left beside path (when it is aiod's)."""
-    partial = partial_path(path)
-    try:
-        st = os.lstat(partial)
-    except OSError:
-        return
-    if _is_our_partial(partial, st):
-        try:
-            os.unlink(partial)
-        except FileNotFoundError:
-            pass
-
-
-def fill_target(path: Path, size: int, owned: OwnedFiles | None, *,
-                progress: Callable[[int], None] | None = None,
-                cancelled: Callable[[], bool] | None = None) -> None:
-    """Create path holding size bytes of random data, recorded as aiod's.
-
-    Written to the partial file, then linked to path only when complete and
-    synced, so path is either missing or whole. A partial file from an
-    interrupted fill is removed and the fill redone. May take minutes on a
-    large target: call it from a worker, never from the I/O loop. Raises
-    TargetError, or FillCancelled when ``cancelled()`` turns true.
-    """
-    partial = partial_path(path)
-    try:
-        st = os.lstat(partial)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise TargetError(_reason(e.errno or 0), f"cannot stat {partial}: {e.strerror}",
-                          e.errno) from e
-    else:
-        if not _is_our_partial(partial, st):
-            raise TargetError("partial_foreign", f"cannot create {path}: {partial} exists and "
-                              "aiod did not create it; remove it")
-        os.unlink(partial)  # an interrupted fill: redo it from the start
-    try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-    except OSError as e:
-        raise TargetError(_reason(e.errno or 0), f"cannot create {partial}: {e.strerror}",
-                          e.errno) from e
-    linked = False
-    try:
-        try:
-            os.setxattr(fd, FILL_XATTR, b"1")
-        except OSError:
-            pass
-        _write_random(fd, size, progress, cancelled)
-        os.fsync(fd)
-        if owned is not None:
-            # Recorded before it appears under its name: a crash between the two
-            # leaves a partial file (redone), never an unowned target.
-            try:
-                owned.add(path, os.fstat(fd), fd=fd)
-            except OSError as e:
-                raise TargetError(_reason(e.errno or 0), f"cannot record {path} as aiod's own "
-                                  f"in {owned.path}: {e.strerror}; not creating it",
-                                  e.errno) from e
-        try:
-            os.link(partial, path)  # unlike rename, never replaces a file made meanwhile
-        except FileExistsError:
-            raise TargetError("exists", f"cannot create {path}: a file appeared there while "
-                              "aiod was filling it; left as it is", _errno.EEXIST) from None
-        linked = True
-        os.unlink(partial)
-        _fsync_dir(path.parent)
-    except TargetError:
-        if not linked:
-            _unlink_quietly(partial)
-        raise
-    except OSError as e:
-        if not linked:
-            _unlink_quietly(partial)
-        raise TargetError(_reason(e.errno or 0),
-                          f"cannot fill {path} with {size} bytes: {e.strerror}", e.errno) from e
-    except BaseException:
-        if not linked:
-            _unlink_quietly(partial)
-        raise
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _fsync_dir(path: Path) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 # Kernel filesystems: a missing name there is a mistyped device, never a file
 # to make (in /dev, as root, it would be a 64 MiB file held in RAM).
 NEVER_CREATE_UNDER = (Path("/dev"), Path("/proc"), Path("/sys"))
@@ -372,7 +98,7 @@ def _stat_existing(path: Path) -> os.stat_result | None:
                               "does not exist", _errno.ENOENT) from None
         return None
     except OSError as e:
-        raise TargetError(_reason(e.errno or 0), f"cannot stat {path}: {e.strerror}", e.errno) from e
+        raise from_os_error(e, f"cannot stat {path}") from e
 
 
 def target_missing(path: Path) -> bool:
@@ -415,7 +141,7 @@ def open_target(path: Path, *, size: int, block_size: int, direct: bool,
             raise TargetError("direct_unsupported",
                               f"cannot open {path} with O_DIRECT: the filesystem does not "
                               "support it (set direct: false)", e.errno) from e
-        raise TargetError(_reason(e.errno or 0), f"cannot open {path}: {e.strerror}", e.errno) from e
+        raise from_os_error(e, f"cannot open {path}") from e
     real_size = os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size
     if real_size < block_size:
         os.close(fd)
@@ -483,8 +209,7 @@ def open_fifo(path: Path) -> OpenTarget:
         try:
             os.mkfifo(path, 0o640)
         except OSError as e:
-            raise TargetError(_reason(e.errno or 0), f"cannot create FIFO {path}: {e.strerror}",
-                              e.errno) from e
+            raise from_os_error(e, f"cannot create FIFO {path}") from e
         created = True
         st = os.stat(path)
     if not stat.S_ISFIFO(st.st_mode):
@@ -492,11 +217,11 @@ def open_fifo(path: Path) -> OpenTarget:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise TargetError(_reason(e.errno or 0), f"cannot open {path}: {e.strerror}", e.errno) from e
+        raise from_os_error(e, f"cannot open {path}") from e
     try:
         wfd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         os.close(fd)
-        raise TargetError(_reason(e.errno or 0), f"cannot open {path}: {e.strerror}", e.errno) from e
+        raise from_os_error(e, f"cannot open {path}") from e
     return OpenTarget(path=path, fd=fd, size=0, is_block=False, writable=False, created=created,
                       keep_fd=wfd)
