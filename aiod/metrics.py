@@ -1,22 +1,18 @@
-"""Prometheus exposition: a collector over pool snapshots, and the HTTP endpoint.
+"""Prometheus exposition of aiod's state: the collector over pool and job snapshots.
 
 The collector owns no counters. At scrape time it asks the daemon for
 snapshots (copied under the pools' locks) and formats them outside any lock,
 so a scrape never slows the I/O loop by more than the copy.
 
-Rendering still runs Python code that shares the GIL with the I/O loop, so
-scrapes share renderings (:class:`SharedRender`): however many clients
-scrape, rendering takes a bounded share of the process's time.
+The HTTP endpoint that serves it is :mod:`aiod.metrics_server` (what scrapes
+may cost is bounded in :mod:`aiod.scrape_pacing`); their names are
+re-exported here, where the daemon and tests have always imported them from.
 """
 
 from __future__ import annotations
 
 import errno as _errno
-import http.server
-import socket
-import threading
-import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,11 +23,24 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from aiod import __version__
 from aiod.accounting import LATENCY_BUCKETS
+from aiod.metrics_server import MetricsServer
 from aiod.pool import PoolSnapshot
+from aiod.scrape_pacing import RequestPacer, SharedRender
+
+__all__ = [
+    "JOB_STATES",
+    "AiodCollector",
+    "JobView",
+    "MetricsServer",
+    "RequestPacer",
+    "SharedRender",
+    "Source",
+    "errno_name",
+    "make_registry",
+]
 
 # The states aiod_job_state shows (jobs.JobState's values; listed here so the
 # collector does not depend on the jobs module).
@@ -249,256 +258,3 @@ def make_registry(source: Source) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AiodCollector(source))
     return registry
-
-
-# ------------------------------------------------------------ shared render
-class SharedRender:
-    """One rendering of /metrics shared by every scrape within its window.
-
-    A rendering is reused for ``cost_factor`` times what it took to make,
-    never longer than ``max_window`` seconds: rendering then takes at most
-    about 1/(cost_factor + 1) of one thread's time, whether one client
-    scrapes back to back or twenty do. A scrape that arrives while a
-    rendering is under way waits for that one instead of starting another.
-    When ``key()`` changes (the daemon passes its reload status) the next
-    scrape renders anew, so a reload shows in the very next scrape.
-    """
-
-    def __init__(self, render: Callable[[], bytes], *,
-                 key: Callable[[], Hashable] = lambda: None,
-                 max_window: float = 1.0, cost_factor: float = 20.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._render = render
-        self._key = key
-        self.max_window = max_window
-        self.cost_factor = cost_factor
-        self._clock = clock
-        self._cond = threading.Condition()
-        self._body: bytes | None = None
-        self._body_key: Hashable = None
-        self._expires = 0.0
-        self._rendering = False
-        self._generation = 0    # renderings finished so far
-        self.renders = 0        # how many renderings were made (tests, benchmarks)
-        self.shared = 0         # how many scrapes were answered with another's rendering
-
-    def get(self) -> bytes:
-        with self._cond:
-            arrived = self._generation
-            while True:
-                body = self._body
-                if body is not None and self._body_key == self._key() and (
-                        self._clock() < self._expires or self._generation != arrived):
-                    # Fresh, or finished while this scrape waited for it.
-                    self.shared += 1
-                    return body
-                if not self._rendering:
-                    break
-                self._cond.wait()
-            self._rendering = True
-            key = self._key()
-        t0 = self._clock()
-        try:
-            body = self._render()
-        except BaseException:
-            with self._cond:
-                self._rendering = False
-                self._cond.notify_all()
-            raise
-        with self._cond:
-            now = self._clock()
-            self._body, self._body_key = body, key
-            self._expires = now + min(self.max_window, (now - t0) * self.cost_factor)
-            self._rendering = False
-            self._generation += 1
-            self.renders += 1
-            self._cond.notify_all()
-        return body
-
-
-# ------------------------------------------------------------------- pacing
-class RequestPacer:
-    """At most ``rate`` requests a second (bursts of ``burst``); the others wait their turn.
-
-    Every request costs the process some Python (parsing, the reply) under
-    the GIL the I/O loop needs, however cheap its answer: a client scraping
-    back to back, without pacing, took a third of the loop's throughput.
-    Waiting requests sleep (no GIL), in the order they came (a virtual
-    schedule, as in GCRA), so each is served, only later.
-    """
-
-    def __init__(self, rate: float, burst: int, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self._interval = 1.0 / rate
-        self._tolerance = (burst - 1) * self._interval
-        self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
-        self._tat = 0.0  # when the schedule is next free
-        self.delayed = 0  # requests that had to wait (tests, benchmarks)
-
-    def wait(self) -> float:
-        """Block until this request's turn; returns how long it waited."""
-        with self._lock:
-            now = self._clock()
-            tat = max(self._tat, now)
-            self._tat = tat + self._interval
-            delay = tat - self._tolerance - now
-            if delay > 0:
-                self.delayed += 1
-        if delay > 0:
-            self._sleep(delay)
-            return delay
-        return 0.0
-
-
-# ---------------------------------------------------------------- HTTP server
-Response = tuple[int, bytes, str]   # status, body, Content-Type
-Route = Callable[[], Response]
-
-TEXT = "text/plain; charset=utf-8"
-LISTEN_BACKLOG = 512        # many scrapers connecting at once queue instead of SYN-retrying
-IDLE_TIMEOUT = 30.0         # an idle or stalled connection is closed after this long
-MAX_REQUEST_RATE = 50.0     # requests answered per second, all clients together ...
-REQUEST_BURST = 50          # ... after a burst of this many
-MAX_CONNECTIONS = 1024      # connections served at once (a thread each); beyond, 503 and close
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = LISTEN_BACKLOG
-    max_connections = MAX_CONNECTIONS
-
-    def __init__(self, address: tuple[str, int],
-                 handler: type[http.server.BaseHTTPRequestHandler]) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
-        super().__init__(address, handler)
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        # One thread per connection, but never more than max_connections:
-        # a flood of idle connections must not cost a thread each.
-        if not self._slots.acquire(blocking=False):
-            try:
-                request.setblocking(False)
-                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\nRetry-After: 1\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: socket.socket,  # type: ignore[override]
-                               client_address: object) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-class MetricsServer:
-    """Serves /metrics, /healthz, /readyz, /status (and any added route) on threads of its own.
-
-    HTTP/1.1 with keep-alive, so Prometheus reuses its connection; a
-    connection idle for ``idle_timeout`` is closed, at most
-    ``max_connections`` are served at once, and requests are paced to
-    ``request_rate`` a second (:class:`RequestPacer`).
-    """
-
-    def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 healthy: Callable[[], bool], ready: Callable[[], bool],
-                 status: Callable[[], bytes] | None = None, *,
-                 render_key: Callable[[], Hashable] = lambda: None,
-                 idle_timeout: float = IDLE_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS,
-                 max_render_window: float = 1.0,
-                 request_rate: float = MAX_REQUEST_RATE,
-                 request_burst: int = REQUEST_BURST) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.render = SharedRender(lambda: generate_latest(registry), key=render_key,
-                                   max_window=max_render_window)
-        self.routes: dict[str, Route] = {}
-        self.pacer = RequestPacer(request_rate, request_burst)
-        pacer = self.pacer
-
-        def health() -> Response:
-            ok = healthy()
-            return (200 if ok else 503), (b"ok\n" if ok else b"I/O loop stalled\n"), TEXT
-
-        def readiness() -> Response:
-            ok = ready()
-            return (200 if ok else 503), (b"ready\n" if ok else b"not ready\n"), TEXT
-
-        self.add_route("/metrics", lambda: (200, self.render.get(), CONTENT_TYPE_LATEST))
-        self.add_route("/healthz", health)
-        self.add_route("/readyz", readiness)
-        if status is not None:
-            self.add_route("/status", lambda: (200, status(), "application/json"))
-        routes = self.routes
-
-        class Server(_Server):
-            address_family = family
-
-        Server.max_connections = max_connections
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = idle_timeout
-            # Headers and body go out in two writes: with Nagle on, the body
-            # waited for the client's delayed ACK, 40 ms on every keep-alive scrape.
-            disable_nagle_algorithm = True
-
-            def do_GET(self) -> None:
-                pacer.wait()
-                path = self.path.split("?", 1)[0]
-                route = routes.get(path)
-                if route is not None:
-                    self._reply(*route())
-                elif path == "/":
-                    names = ", ".join(sorted(routes))
-                    self._reply(200, f"aiod: see {names}\n".encode(), TEXT)
-                else:
-                    self._reply(404, b"not found\n", TEXT)
-
-            def _reply(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # scrapes every few seconds would flood the journal
-
-        self._httpd = Server((host, port), Handler)
-        self.host = host
-        self.port = self._httpd.server_address[1]
-        # serve_forever checks for shutdown every poll_interval: the default
-        # 0.5 s would be most of a fast SIGTERM-to-exit.
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name="metrics-http", daemon=True)
-
-    def add_route(self, path: str, route: Route) -> None:
-        """Serve GET path with route() -> (status, body, Content-Type), on an HTTP thread."""
-        self.routes[path] = route
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop serving and release the address; safe before start() and twice."""
-        if self._thread.ident is not None:  # shutdown() waits forever on a server never started
-            self._httpd.shutdown()
-        self._httpd.server_close()
