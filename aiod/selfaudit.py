@@ -1,7 +1,7 @@
 """aiod's own AIO contexts checked against the kernel's view of them.
 
 The kernel maps every context's completion ring at the address that is the
-context id, with a size set by its nr_events (aiod.hostscan.ring_pages). So
+context id, with a size set by its nr_events (aiod.aio_ring.ring_pages). So
 /proc/self/maps says exactly which contexts this process holds. Any
 difference from the pools' live records is a leak:
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from aiod.hostscan import PAGE, Ring, parse_rings, ring_pages
+from aiod.aio_ring import PAGE, ring_pages
+from aiod.procmaps import Ring, parse_rings
 
 
 @dataclass(frozen=True)

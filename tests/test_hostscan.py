@@ -134,7 +134,7 @@ def by_pid(s: hostscan.HostScan) -> dict[int, hostscan.Holder]:
 
 
 def query_supported() -> bool:
-    q = hostscan._Querier()
+    q = hostscan.Querier()
     with open("/proc/self/maps", "rb") as f:
         return q.rings(f.fileno()) is not None
 
