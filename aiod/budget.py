@@ -9,7 +9,8 @@ and polls for its result:
   policy of aiod.headroom; the loop applies its targets through
   ``Pool.resize``, the lossless path a reload uses;
 - the self-audit (aiod.selfaudit) of aiod's own rings against its records;
-- the optional host scan (aiod.hostscan) of who holds the host's events.
+- the optional host scan (aiod.hostscan) of who holds the host's events,
+  run and exported by aiod.host_scanner.
 
 Its metrics come from its own collector, registered beside the daemon's.
 """
@@ -25,22 +26,24 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from aiod import aio, hostscan
+from aiod import aio
+from aiod.aio_ring import PAGE, possible_cpus
 from aiod.config import Config, PoolConfig
 from aiod.headroom import CHECK_INTERVAL, Decision, HeadroomPolicy, room_problem
+from aiod.host_scanner import HIDDEN_HINT, SCAN_DEADLINE, SCAN_STUCK, HostScanner, host_metrics
+from aiod.hostscan import HostScan
 from aiod.pool import Pool, PoolError
+from aiod.procmaps import Ring
 from aiod.selfaudit import Expected, Leak, SelfAudit, own_rings
 from aiod.worker import Worker
 
 log = logging.getLogger("aiod.budget")
 
 AUDIT_INTERVAL = 5.0       # seconds between self-audits; a leak is confirmed by two
-SCAN_DEADLINE = 10.0       # a host scan stops reading maps files after this long
-SCAN_STUCK = 60.0          # a scan still running after this long is reported, once
 
-HIDDEN_HINT = ("install the host-scan drop-in (/usr/share/aiod/host-scan/host-scan.conf from "
-               "the Debian package, systemd/aiod.service.d-host-scan/host-scan.conf in the "
-               "source) as /etc/systemd/system/aiod.service.d/host-scan.conf and restart aiod")
+# Where they have always been imported from (the host scan's own module is aiod.host_scanner).
+__all__ = ["AUDIT_INTERVAL", "HIDDEN_HINT", "SCAN_DEADLINE", "SCAN_STUCK", "Budget",
+           "host_metrics"]
 
 
 @dataclass
@@ -48,7 +51,7 @@ class _Sample:
     aio_nr: int
     aio_max_nr: int
     expected: list[Expected] | None     # None: no audit in this sample
-    rings: list[hostscan.Ring] | None
+    rings: list[Ring] | None
     # Pool sizes move between a sample's start and its result (a retirement
     # ends, a shrink or reload resizes): both are fixed when the sample starts.
     releasing: int = 0                  # events of contexts being torn down then
@@ -69,7 +72,7 @@ class Budget:
         self.clock = clock
         self.policy = HeadroomPolicy(cfg)
         try:
-            cpus = hostscan.possible_cpus(sys_root)
+            cpus = possible_cpus(sys_root)
         except (OSError, ValueError):
             cpus = os.cpu_count() or 1
         self.audit = SelfAudit(cpus)
@@ -77,14 +80,12 @@ class Budget:
         self.yields: dict[str, int] = {p.name: 0 for p in cfg.pools}
         self.last_free: int | None = None
         self.last_reserve = 0
-        self.scan: hostscan.HostScan | None = None
+        self.host_scanner = HostScanner(procfs_root, sys_root, clock)
         self._pools: Mapping[str, Pool] = {}
         self._all_pools: Callable[[], list[Pool]] = list
         self._sampler = Worker("aiod-headroom")
-        self._scanner = Worker("aiod-host-scan")
         self._next_sample = 0.0
         self._next_audit = 0.0
-        self._next_scan = 0.0
         self._said: set[str] = set()    # one-time messages already logged
         self._epoch = 0                 # bumped by every resize: older samples decide nothing
 
@@ -140,7 +141,16 @@ class Budget:
         """Once per loop turn, while serving. Never blocks."""
         self._tick_sampler(now)
         if self.cfg.host_scan is not None:
-            self._tick_scanner(now)
+            self.host_scanner.tick(now, self.cfg.host_scan.interval)
+
+    @property
+    def scan(self) -> HostScan | None:
+        """The latest host scan's result (None before the first, or with host_scan off)."""
+        return self.host_scanner.latest()
+
+    @scan.setter
+    def scan(self, value: HostScan | None) -> None:
+        self.host_scanner.set_latest(value)
 
     def _tick_sampler(self, now: float) -> None:
         done, result, error = self._sampler.poll()
@@ -236,57 +246,6 @@ class Budget:
             self._said.add(key)
             log.warning(msg, *args)
 
-    # ---------------------------------------------------------- host scan
-    def _tick_scanner(self, now: float) -> None:
-        assert self.cfg.host_scan is not None
-        done, result, error = self._scanner.poll()
-        if done:
-            if error is not None:
-                self._say_once("scan-error", "host scan failed: %s; retrying every %gs",
-                               error, self.cfg.host_scan.interval)
-            elif isinstance(result, hostscan.HostScan):
-                with self._lock:
-                    self.scan = result
-                self._explain(result)
-        if self._scanner.busy:
-            if now - self._scanner.started_at > SCAN_STUCK:
-                self._say_once("scan-stuck", "host scan: still running after %.0fs: reading "
-                               "some process's /proc/PID/maps is stuck in the kernel (a process "
-                               "hung in a page fault?); no new scan starts until it returns",
-                               now - self._scanner.started_at)
-            return
-        if now < self._next_scan:
-            return
-        proc, sysr, clock = self.procfs_root, self.sys_root, self.clock
-        deadline = now + min(SCAN_DEADLINE, self.cfg.host_scan.interval)
-        self._scanner.start(lambda: hostscan.scan(proc, sysr, deadline=deadline, clock=clock),
-                            now)
-        self._next_scan = now + self.cfg.host_scan.interval
-
-    def _explain(self, s: hostscan.HostScan) -> None:
-        """Say once, clearly, why the scan sees less than the whole host."""
-        if s.hidepid:
-            self._say_once("hidepid", "host scan: /proc is mounted with hidepid=%s (systemd's "
-                           "ProtectProc=invisible), so the scan sees only aiod's own "
-                           "processes, not the host's; to scan the host, %s",
-                           s.hidepid, HIDDEN_HINT)
-        if s.unreadable:
-            perm = s.errors.get("EACCES", 0) + s.errors.get("EPERM", 0)
-            if perm and not hostscan.has_cap_sys_ptrace(self.procfs_root):
-                self._say_once("ptrace", "host scan: cannot read /proc/PID/maps of %d "
-                               "processes of other users: aiod lacks CAP_SYS_PTRACE, so their "
-                               "AIO events count as unattributed; to scan them, %s",
-                               perm, HIDDEN_HINT)
-            elif perm:
-                self._say_once("refused", "host scan: the kernel refused /proc/PID/maps of %d "
-                               "processes even with CAP_SYS_PTRACE (another user namespace or "
-                               "a security module); their AIO events count as unattributed",
-                               perm)
-        if s.unscanned:
-            self._say_once("deadline", "host scan: stopped after %gs with %d processes not "
-                           "scanned; their events count as unattributed", SCAN_DEADLINE,
-                           s.unscanned)
-
     # ------------------------------------------------------------ reports
     def status(self) -> str | None:
         """A fragment for systemd's STATUS= line while pools are yielding."""
@@ -305,7 +264,7 @@ class Budget:
         except OSError as e:
             return {"context_leaks": len(self.audit.seen), "aio_rings_left": None,
                     "context_leak_details": [f"cannot read /proc/self/maps: {e.strerror}"]}
-        at_exit = {Leak("unrecorded", r.start, r.size // hostscan.PAGE) for r in left}
+        at_exit = {Leak("unrecorded", r.start, r.size // PAGE) for r in left}
         for leak in sorted(at_exit - self.audit.seen, key=lambda x: x.address):
             log.error("context leak at shutdown: %s", leak.describe())
         leaks = self.audit.seen | at_exit
@@ -317,7 +276,7 @@ class Budget:
         """prometheus_client Collector protocol; runs on the scrape thread."""
         with self._lock:
             yields = dict(self.yields)
-            scan = self.scan
+        scan = self.scan
         targets = dict(self.policy.targets)
         g = GaugeMetricFamily("aiod_context_leaks", "AIO contexts whose kernel ring and "
                               "aiod's records disagree (normally 0; see the log).")
@@ -339,41 +298,4 @@ class Budget:
         yield g
         if scan is not None and self.cfg.host_scan is not None:
             yield from host_metrics(scan, self.cfg.host_scan.top)
-
-
-def host_metrics(scan: hostscan.HostScan, top: int) -> Iterator[Metric]:
-    """At most 2 * (top + 1) + 5 series, whatever the host runs: no pid label."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for h in scan.processes:
-        sums = groups.setdefault((h.comm, h.unit or ""), [0, 0])
-        sums[0] += h.events_lo
-        sums[1] += h.events_hi
-    ranked = sorted(groups.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))
-    ev = GaugeMetricFamily("aiod_host_aio_events", "AIO events charged to fs.aio-nr by the "
-                           "largest holders on the host, as bounds from their ring sizes; "
-                           "the rest summed as comm=\"other\".", labels=["comm", "unit", "bound"])
-    for (comm, unit), (lo, hi) in ranked[:top]:
-        ev.add_metric([comm, unit, "lo"], lo)
-        ev.add_metric([comm, unit, "hi"], hi)
-    rest = ranked[top:]
-    ev.add_metric(["other", "", "lo"], sum(v[0] for _, v in rest))
-    ev.add_metric(["other", "", "hi"], sum(v[1] for _, v in rest))
-    yield ev
-    un = GaugeMetricFamily("aiod_host_aio_unattributed_events", "Part of fs.aio-nr that no "
-                           "scanned process accounts for (hidden or unreadable processes, "
-                           "rings being set up), as bounds.", labels=["bound"])
-    un.add_metric(["lo"], scan.unattributed_lo)
-    un.add_metric(["hi"], scan.unattributed_hi)
-    yield un
-    g = GaugeMetricFamily("aiod_host_aio_processes", "Processes holding AIO contexts, by the "
-                          "last host scan.")
-    g.add_metric([], len(scan.processes))
-    yield g
-    g = GaugeMetricFamily("aiod_host_scan_unreadable_processes", "Processes whose "
-                          "/proc/PID/maps the last host scan could not read.")
-    g.add_metric([], scan.unreadable)
-    yield g
-    g = GaugeMetricFamily("aiod_host_scan_duration_seconds", "Wall time of the last host scan.")
-    g.add_metric([], scan.seconds)
-    yield g
 

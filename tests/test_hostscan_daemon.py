@@ -14,8 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from aiod import budget as budget_mod
-from aiod import config, hostscan
+from aiod import config, host_scanner, hostscan
 from aiod.budget import Budget, host_metrics
 from aiod.daemon import Daemon
 from aiod.notify import Notifier
@@ -64,14 +63,14 @@ def test_a_stuck_scan_never_holds_up_the_loop(tmp_path: Path) -> None:
     b.attach({}, list)
     t0 = time.monotonic()
     b.tick(t0)
-    assert b._scanner.busy
+    assert b.host_scanner.busy
     slowest = 0.0
     for _ in range(20):             # the loop turns while the scan waits on the FIFO
         t = time.monotonic()
         b.tick(t)
         slowest = max(slowest, time.monotonic() - t)
         time.sleep(0.01)
-    assert b._scanner.busy and b.scan is None and slowest < 0.05
+    assert b.host_scanner.busy and b.scan is None and slowest < 0.05
     ring = "7f0000000000-7f0000003000 rw-s 00000000 00:13 99   /[aio] (deleted)\n"
     fd = os.open(proc / "4242/maps", os.O_WRONLY)   # the process answers at last
     os.write(fd, ring.encode())
@@ -93,7 +92,7 @@ def test_a_stuck_scan_never_holds_up_the_loop(tmp_path: Path) -> None:
 def test_a_scan_stuck_for_long_is_reported_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     proc = fixture_proc(tmp_path)
-    monkeypatch.setattr(budget_mod, "SCAN_STUCK", 0.2)
+    monkeypatch.setattr(host_scanner, "SCAN_STUCK", 0.2)
     cfg = config.parse("host_scan: {interval: 1s}\nstate_directory: /tmp\n"
                        "pools:\n  - {name: default, contexts: 1, nr_events: 8}\n", "t", env={})
     b = Budget(cfg, procfs_root=proc)
