@@ -15,7 +15,9 @@ import subprocess
 import sys
 import tempfile
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,27 +87,48 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_promtool_accepts_the_shipped_scrape_config(prometheus_tools: None) -> None:
-    r = subprocess.run(["promtool", "check", "config", str(SCRAPE_CONFIG)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-    jobs = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
-    assert [j["job_name"] for j in jobs] == ["aiod"]
+@dataclass
+class Running:
+    """An aiod and the Prometheus scraping it, both ready."""
+
+    aiod_port: int
+    prom_port: int
+    state: Path
+
+    def report(self) -> dict[str, Any]:
+        """aiod's shutdown report, once it has exited."""
+        report: dict[str, Any] = json.loads((self.state / "shutdown-report.json").read_text())
+        return report
 
 
-def test_prometheus_scrapes_aiod(prometheus_tools: None, workdir: Path) -> None:
+def _ready(name: str, proc: subprocess.Popen[bytes], url: str) -> bool:
+    assert proc.poll() is None, f"{name} exited {proc.returncode} before it was ready"
+    got = http_get(url, timeout=2)
+    return got is not None and got[0] == 200
+
+
+@contextmanager
+def aiod_and_prometheus(workdir: Path, aiod_config: Callable[[int, Path], str], *,
+                        rules: Path | None = None) -> Iterator[Running]:
+    """Run aiod (configured by ``aiod_config(port, state_directory)``) and a Prometheus
+    scraping it with the shipped scrape configuration (and ``rules``, when given).
+
+    On the way out both are stopped with SIGTERM, their logs' tails printed, and
+    aiod must have exited 0.
+    """
     aiod_port, prom_port = free_port(), free_port()
     while prom_port == aiod_port:
         prom_port = free_port()
     state = workdir / "state"
     state.mkdir()
     config = workdir / "aiod.yaml"
-    config.write_text(aiod_yaml(aiod_port, contexts=CONTEXTS, iodepth=4,
-                                state_directory=str(state)))
-
+    config.write_text(aiod_config(aiod_port, state))
     scrape = yaml.safe_load(SCRAPE_CONFIG.read_text())
     (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "aiod"]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{aiod_port}"]}]
+    if rules is not None:
+        shutil.copy(rules, workdir / rules.name)
+        scrape["rule_files"] = [str(workdir / rules.name)]
     prom_config = workdir / "prometheus.yml"
     prom_config.write_text(yaml.safe_dump(scrape))
     r = subprocess.run(["promtool", "check", "config", str(prom_config)],
@@ -131,43 +154,12 @@ def test_prometheus_scrapes_aiod(prometheus_tools: None, workdir: Path) -> None:
                  f"--storage.tsdb.path={workdir / 'tsdb'}",
                  f"--web.listen-address=127.0.0.1:{prom_port}"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-
-        def ready(name: str, proc: subprocess.Popen[bytes], url: str) -> bool:
-            assert proc.poll() is None, f"{name} exited {proc.returncode} before it was ready"
-            got = http_get(url, timeout=2)
-            return got is not None and got[0] == 200
         started_aiod, started_prom = aiod, prom
-        wait_for("aiod /readyz", lambda: ready(
+        wait_for("aiod /readyz", lambda: _ready(
             "aiod", started_aiod, f"http://127.0.0.1:{aiod_port}/readyz"), 30)
-        wait_for("Prometheus /-/ready", lambda: ready(
+        wait_for("Prometheus /-/ready", lambda: _ready(
             "prometheus", started_prom, f"http://127.0.0.1:{prom_port}/-/ready"), 60)
-
-        # the exposition is lint-clean
-        got = http_get(f"http://127.0.0.1:{aiod_port}/metrics")
-        assert got is not None and got[0] == 200
-        lint = subprocess.run(["promtool", "check", "metrics"], input=got[1],
-                              capture_output=True, text=True, timeout=60)
-        assert (lint.returncode, lint.stdout + lint.stderr) == (0, ""), lint.stdout + lint.stderr
-
-        # Prometheus scrapes it: the target is up, counters rise, the pool is there
-        wait_for("up{job=\"aiod\"} == 1",
-                 lambda: scalar(prom_port, 'up{job="aiod"}') == 1, 30, interval=0.5)
-        completed = 'sum(aiod_ops_completed_total{job="aiod"})'
-        first = wait_for("a first aiod_ops_completed_total sample",
-                         lambda: scalar(prom_port, completed), 30, interval=0.5)
-        wait_for("aiod_ops_completed_total to rise between scrapes",
-                 lambda: (scalar(prom_port, completed) or 0) > first, 30, interval=0.5)
-        wait_for(f"sum(aiod_contexts{{state=\"active\"}}) == {CONTEXTS}",
-                 lambda: scalar(prom_port, 'sum(aiod_contexts{job="aiod",state="active"})')
-                 == CONTEXTS, 30, interval=0.5)
-        # aiod's `job` label arrives as exported_job (see prometheus.yml)
-        assert query(prom_port, 'aiod_ops_completed_total{job="aiod",exported_job="load"}')
-        series = query(prom_port, 'count by (__name__) ({job="aiod",__name__=~"aiod_.*"})')
-        names = {s["metric"]["__name__"] for s in series}
-        for name in ("aiod_build_info", "aiod_ops_submitted_total", "aiod_ops_in_flight",
-                     "aiod_op_latency_seconds_bucket", "aiod_kernel_aio_nr",
-                     "aiod_config_last_reload_successful"):
-            assert name in names, f"{name} not scraped; got {sorted(names)}"
+        yield Running(aiod_port, prom_port, state)
     finally:
         if prom is not None:
             stop(prom, 30)
@@ -178,8 +170,46 @@ def test_prometheus_scrapes_aiod(prometheus_tools: None, workdir: Path) -> None:
         print("--- prometheus ---\n" + prom_log.read_text(errors="replace")[-2000:]
               if prom_log.exists() else "")
     assert aiod_rc == 0, f"aiod exited {aiod_rc} on SIGTERM"
-    report = json.loads((state / "shutdown-report.json").read_text())
-    t = report["totals"]
+
+
+def test_promtool_accepts_the_shipped_scrape_config(prometheus_tools: None) -> None:
+    r = subprocess.run(["promtool", "check", "config", str(SCRAPE_CONFIG)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    assert [j["job_name"] for j in jobs] == ["aiod"]
+
+
+def test_prometheus_scrapes_aiod(prometheus_tools: None, workdir: Path) -> None:
+    with aiod_and_prometheus(workdir, lambda port, state: aiod_yaml(
+            port, contexts=CONTEXTS, iodepth=4, state_directory=str(state))) as run:
+        # the exposition is lint-clean
+        got = http_get(f"http://127.0.0.1:{run.aiod_port}/metrics")
+        assert got is not None and got[0] == 200
+        lint = subprocess.run(["promtool", "check", "metrics"], input=got[1],
+                              capture_output=True, text=True, timeout=60)
+        assert (lint.returncode, lint.stdout + lint.stderr) == (0, ""), lint.stdout + lint.stderr
+
+        # Prometheus scrapes it: the target is up, counters rise, the pool is there
+        wait_for("up{job=\"aiod\"} == 1",
+                 lambda: scalar(run.prom_port, 'up{job="aiod"}') == 1, 30, interval=0.5)
+        completed = 'sum(aiod_ops_completed_total{job="aiod"})'
+        first = wait_for("a first aiod_ops_completed_total sample",
+                         lambda: scalar(run.prom_port, completed), 30, interval=0.5)
+        wait_for("aiod_ops_completed_total to rise between scrapes",
+                 lambda: (scalar(run.prom_port, completed) or 0) > first, 30, interval=0.5)
+        wait_for(f"sum(aiod_contexts{{state=\"active\"}}) == {CONTEXTS}",
+                 lambda: scalar(run.prom_port, 'sum(aiod_contexts{job="aiod",state="active"})')
+                 == CONTEXTS, 30, interval=0.5)
+        # aiod's `job` label arrives as exported_job (see prometheus.yml)
+        assert query(run.prom_port, 'aiod_ops_completed_total{job="aiod",exported_job="load"}')
+        series = query(run.prom_port, 'count by (__name__) ({job="aiod",__name__=~"aiod_.*"})')
+        names = {s["metric"]["__name__"] for s in series}
+        for name in ("aiod_build_info", "aiod_ops_submitted_total", "aiod_ops_in_flight",
+                     "aiod_op_latency_seconds_bucket", "aiod_kernel_aio_nr",
+                     "aiod_config_last_reload_successful"):
+            assert name in names, f"{name} not scraped; got {sorted(names)}"
+    t = run.report()["totals"]
     assert t["in_flight"] == 0 and t["submitted"] == t["completed"] + t["cancelled"] + t["failed"]
 
 
@@ -298,61 +328,18 @@ def test_every_dashboard_and_alert_query_returns_data(prometheus_tools: None,
 
 
 def _dashboard_and_alerts_against(workdir: Path, fs: FaultFS) -> None:
-    aiod_port, prom_port = free_port(), free_port()
-    while prom_port == aiod_port:
-        prom_port = free_port()
-    state = workdir / "state"
-    state.mkdir()
-    config = workdir / "aiod.yaml"
-    config.write_text(aiod_yaml(aiod_port, contexts=CONTEXTS, iodepth=4,
-                                state_directory=str(state), extra=f"""\
+    def config(port: int, state: Path) -> str:
+        return aiod_yaml(port, contexts=CONTEXTS, iodepth=4, state_directory=str(state),
+                         extra=f"""\
   - {{name: failing, pool: default, type: probe, target: "{fs.path('eio.dat')}",
      op: randread, block_size: 4KiB, direct: true, rate: 20/s, timeout: 5s}}
   - {{name: gone, pool: default, type: probe, target: "{workdir}/no/such/dir/x.dat",
      op: randread, block_size: 4KiB, direct: true, rate: 20/s, timeout: 5s}}
-""") + "host_scan: {interval: 1s, top: 5}\n")  # for AiodAioHolderGrowing's series
-    shutil.copy(RULES, workdir / "rules.yml")
-    scrape = yaml.safe_load(SCRAPE_CONFIG.read_text())
-    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "aiod"]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{aiod_port}"]}]
-    scrape["rule_files"] = [str(workdir / "rules.yml")]
-    prom_config = workdir / "prometheus.yml"
-    prom_config.write_text(yaml.safe_dump(scrape))
-    r = subprocess.run(["promtool", "check", "config", str(prom_config)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
+""") + "host_scan: {interval: 1s, top: 5}\n"  # for AiodAioHolderGrowing's series
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC", "WATCHDOG_PID",
-                        "STATE_DIRECTORY", "LISTEN_FDS", "LISTEN_PID")}
-    aiod_log, prom_log = workdir / "aiod.log", workdir / "prometheus.log"
-    aiod: subprocess.Popen[bytes] | None = None
-    prom: subprocess.Popen[bytes] | None = None
-    aiod_rc: int | None = None
-    try:
-        with open(aiod_log, "wb") as log:
-            aiod = subprocess.Popen([str(aiod_command()), "run", "--config", str(config)],
-                                    stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env)
-        with open(prom_log, "wb") as log:
-            prom = subprocess.Popen(
-                ["prometheus", f"--config.file={prom_config}",
-                 f"--storage.tsdb.path={workdir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-        started_aiod, started_prom = aiod, prom
-
-        def ready(name: str, proc: subprocess.Popen[bytes], url: str) -> bool:
-            assert proc.poll() is None, f"{name} exited {proc.returncode} before it was ready"
-            got = http_get(url, timeout=2)
-            return got is not None and got[0] == 200
-        wait_for("aiod /readyz", lambda: ready(
-            "aiod", started_aiod, f"http://127.0.0.1:{aiod_port}/readyz"), 30)
-        wait_for("Prometheus /-/ready", lambda: ready(
-            "prometheus", started_prom, f"http://127.0.0.1:{prom_port}/-/ready"), 60)
-
+    with aiod_and_prometheus(workdir, config, rules=RULES) as run:
         def empty(queries: list[tuple[str, str]]) -> list[str]:
-            return [f"{name}: {q}" for name, q in queries if not query(prom_port, q)]
+            return [f"{name}: {q}" for name, q in queries if not query(run.prom_port, q)]
 
         # Every panel's query parses (query() asserts status success) and
         # returns series, once a few scrapes fill the 4 s rate windows.
@@ -366,7 +353,7 @@ def _dashboard_and_alerts_against(workdir: Path, fs: FaultFS) -> None:
 
         # The dashboard's variables list values
         for name, label, selector in dashboard_label_queries():
-            got = http_get(f"http://127.0.0.1:{prom_port}/api/v1/label/{label}/values?"
+            got = http_get(f"http://127.0.0.1:{run.prom_port}/api/v1/label/{label}/values?"
                            + urllib.parse.urlencode({"match[]": selector}))
             assert got is not None and got[0] == 200, got
             assert json.loads(got[1])["data"], f"variable {name}: no values for {selector}"
@@ -383,7 +370,7 @@ def _dashboard_and_alerts_against(workdir: Path, fs: FaultFS) -> None:
 
         # Prometheus evaluates the rules as written, without error
         def rules_evaluated() -> list[dict[str, Any]] | None:
-            got = http_get(f"http://127.0.0.1:{prom_port}/api/v1/rules")
+            got = http_get(f"http://127.0.0.1:{run.prom_port}/api/v1/rules")
             assert got is not None and got[0] == 200, got
             rules = [r for g in json.loads(got[1])["data"]["groups"] for r in g["rules"]]
             done = all(r.get("lastEvaluation", "").startswith("20") for r in rules)
@@ -398,21 +385,10 @@ def _dashboard_and_alerts_against(workdir: Path, fs: FaultFS) -> None:
         # never completed and is pending (a failed read is a completion: that
         # probe is failing, not stalled).
         wait_for("AiodOpsFailing{errno=EIO} firing", lambda: query(
-            prom_port, 'ALERTS{alertname="AiodOpsFailing", alertstate="firing", '
+            run.prom_port, 'ALERTS{alertname="AiodOpsFailing", alertstate="firing", '
                        'errno="EIO", exported_job="failing"}'), 30, interval=0.5)
-        stalled = query(prom_port, 'ALERTS{alertname="AiodProbeStalled"}')
+        stalled = query(run.prom_port, 'ALERTS{alertname="AiodProbeStalled"}')
         assert {s["metric"]["exported_job"] for s in stalled} == {"gone"}
-        assert not query(prom_port, 'ALERTS{alertname=~"AiodDown|AiodNotScraped|AiodHungIO|'
+        assert not query(run.prom_port, 'ALERTS{alertname=~"AiodDown|AiodNotScraped|AiodHungIO|'
                                     'AiodReloadFailed|AiodContextDestroyFailed"}')
-    finally:
-        if prom is not None:
-            stop(prom, 30)
-        if aiod is not None:
-            aiod_rc = stop(aiod, 60)
-        print("--- aiod ---\n" + aiod_log.read_text(errors="replace")[-4000:]
-              if aiod_log.exists() else "")
-        print("--- prometheus ---\n" + prom_log.read_text(errors="replace")[-2000:]
-              if prom_log.exists() else "")
-    assert aiod_rc == 0, f"aiod exited {aiod_rc} on SIGTERM"
-    report = json.loads((state / "shutdown-report.json").read_text())
-    assert report["invariant_holds"]
+    assert run.report()["invariant_holds"]
