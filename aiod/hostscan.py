@@ -167,6 +167,7 @@ def proc_hidepid(procfs_root: str | os.PathLike[str] = "/proc") -> str | None:
     return found
 
 
+# ------------------------------------------------------------------ the scan
 @dataclass
 class _MapsRead:
     """What reading every process's maps found, before owners are decided."""
