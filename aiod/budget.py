@@ -277,25 +277,30 @@ class Budget:
         with self._lock:
             yields = dict(self.yields)
         scan = self.scan
-        targets = dict(self.policy.targets)
-        g = GaugeMetricFamily("aiod_context_leaks", "AIO contexts whose kernel ring and "
-                              "aiod's records disagree (normally 0; see the log).")
-        g.add_metric([], len(self.audit.current))
-        yield g
-        c = CounterMetricFamily("aiod_pool_yields", "Times the pool shrank to give AIO "
-                                "headroom back to other processes.", labels=["pool"])
-        t = GaugeMetricFamily("aiod_pool_contexts_target", "Contexts the pool should have "
-                              "now: its configured contexts, less what it yields.",
-                              labels=["pool"])
-        for name in sorted(targets):
-            c.add_metric([name], yields.get(name, 0))
-            t.add_metric([name], targets[name])
-        yield c
-        yield t
-        g = GaugeMetricFamily("aiod_headroom_reserve_events", "AIO events aiod keeps free "
-                              "for other processes (headroom_reserve; 0 is off).")
-        g.add_metric([], self.last_reserve)
-        yield g
+        yield from _budget_families(len(self.audit.current), yields, dict(self.policy.targets),
+                                    self.last_reserve)
         if scan is not None and self.cfg.host_scan is not None:
             yield from host_metrics(scan, self.cfg.host_scan.top)
 
+
+def _budget_families(leaks: int, yields: dict[str, int], targets: dict[str, int],
+                     reserve: int) -> Iterator[Metric]:
+    """The leak audit's and the yield policy's series."""
+    g = GaugeMetricFamily("aiod_context_leaks", "AIO contexts whose kernel ring and "
+                          "aiod's records disagree (normally 0; see the log).")
+    g.add_metric([], leaks)
+    yield g
+    c = CounterMetricFamily("aiod_pool_yields", "Times the pool shrank to give AIO "
+                            "headroom back to other processes.", labels=["pool"])
+    t = GaugeMetricFamily("aiod_pool_contexts_target", "Contexts the pool should have "
+                          "now: its configured contexts, less what it yields.",
+                          labels=["pool"])
+    for name in sorted(targets):
+        c.add_metric([name], yields.get(name, 0))
+        t.add_metric([name], targets[name])
+    yield c
+    yield t
+    g = GaugeMetricFamily("aiod_headroom_reserve_events", "AIO events aiod keeps free "
+                          "for other processes (headroom_reserve; 0 is off).")
+    g.add_metric([], reserve)
+    yield g

@@ -26,16 +26,34 @@ from prometheus_client.core import (
 
 from aiod import __version__
 from aiod.accounting import LATENCY_BUCKETS
-from aiod.metrics_server import MetricsServer
+from aiod.metrics_server import (
+    IDLE_TIMEOUT,
+    LISTEN_BACKLOG,
+    MAX_CONNECTIONS,
+    MAX_REQUEST_RATE,
+    REQUEST_BURST,
+    TEXT,
+    MetricsServer,
+    Response,
+    Route,
+)
 from aiod.pool import PoolSnapshot
 from aiod.scrape_pacing import RequestPacer, SharedRender
 
 __all__ = [
+    "IDLE_TIMEOUT",
     "JOB_STATES",
+    "LISTEN_BACKLOG",
+    "MAX_CONNECTIONS",
+    "MAX_REQUEST_RATE",
+    "REQUEST_BURST",
+    "TEXT",
     "AiodCollector",
     "JobView",
     "MetricsServer",
     "RequestPacer",
+    "Response",
+    "Route",
     "SharedRender",
     "Source",
     "errno_name",
