@@ -78,12 +78,7 @@ def daemon_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def turn(d: Daemon, n: int = 1) -> None:
     """n turns of the main loop, without its signal handling."""
     for _ in range(n):
-        now = d.clock()
-        for job in list(d.jobs.values()):
-            job.pump(now)
-        d._wait(min(0.01, max(0.0, d._next_deadline(now) - now)))
-        d._reap_all()
-        d._tick()
+        d.turn(max_wait=0.01)
 
 
 def turn_until(d: Daemon, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -127,7 +122,7 @@ def test_a_job_that_recovers_through_the_retry_keeps_completing(
     turn_until(d, lambda: d.jobs["late"].state is JobState.RUNNING)
     # Far more than the first iodepth's worth: completions reach the job again.
     turn_until(d, lambda: completed(d, "late") > 200)
-    assert d._in_flight() <= 8
+    assert d.live.in_flight() <= 8
 
 
 def test_removing_a_recovered_job_drops_its_series_and_closes_its_target(
@@ -140,7 +135,7 @@ def test_removing_a_recovered_job_drops_its_series_and_closes_its_target(
     assert open_fds_to(target) == 1
     write_config(tmp_path, [])
     assert d.reload()
-    turn_until(d, lambda: not d._stopping_jobs, timeout=5.0)
+    turn_until(d, lambda: not d.live.stopping_jobs, timeout=5.0)
     assert all(st.job != "late" for s in d.pool_snapshots() for st in s.stats)
     assert "late" not in [v.name for v in d.job_views()]
     assert open_fds_to(target) == 0

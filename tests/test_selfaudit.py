@@ -91,7 +91,7 @@ def wait_gauge(d: Daemon, value: float, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         d.budget.tick(time.monotonic())
-        got = d._registry.get_sample_value("aiod_context_leaks")
+        got = d.metrics_registry.get_sample_value("aiod_context_leaks")
         if got == value:
             return
         assert time.monotonic() < deadline, f"aiod_context_leaks stayed {got}, not {value}"
