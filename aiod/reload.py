@@ -1,9 +1,10 @@
 """What a reload changes: the plan, computed from two configs alone.
 
-A reload is all or nothing. The daemon reads and parses the file on a worker
-(aiod.worker), then calls :func:`plan` to learn what differs, prepares every
-step that can fail (new pools, grown pools, job buffers, the metrics socket),
-and commits only when all of them worked. Nothing here touches the kernel.
+A reload is all or nothing. aiod.reloader reads and parses the file on a
+worker (aiod.worker), then calls :func:`plan` to learn what differs, prepares
+every step that can fail (new pools, grown pools, job buffers, the metrics
+socket), and commits only when all of them worked. Nothing here touches the
+kernel.
 """
 
 from __future__ import annotations
