@@ -4,8 +4,8 @@
     main_loop()  submit what is due, wait for completions or a signal, reap
     shutdown()   drain -> cancel -> destroy -> report, exit 0 (aiod.shutdown)
 
-The Daemon builds its parts and hands each one what it needs; it holds no
-state of its own beyond when it started:
+The Daemon builds its parts and hands each one what it needs (registry,
+clock, notifier, ...); the state they change lives in them, not here:
 
     aiod.registry   the live pools and jobs (the only place they change)
     aiod.health     the phase (the only place it changes) and the heartbeat:
@@ -28,6 +28,7 @@ which io_destroys them on threads while the loop keeps turning.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -114,8 +115,8 @@ class Daemon:
         """Pools up, metrics bound, jobs started, then READY=1. Raises StartupError."""
         self.signals.install()
         cfg = self.cfg
-        self.started = Started(at=self.started.at,
-                               aio_nr_before=aio.system_aio_usage(self.procfs_root)[0])
+        self.started = dataclasses.replace(
+            self.started, aio_nr_before=aio.system_aio_usage(self.procfs_root)[0])
         problem = self.budget.room_problem()
         if problem:
             raise StartupError(problem, EXIT_CONFIG)
