@@ -44,7 +44,8 @@ from aiod.health import Health, Phase
 from aiod.jobs import Job, JobResourceError
 from aiod.listener import Listener
 from aiod.loop import MAX_WAIT, Wakeups
-from aiod.metrics import JobView, MetricsServer, make_registry
+from aiod.metrics import JobView, make_registry
+from aiod.metrics_server import MetricsServer
 from aiod.notify import Notifier
 from aiod.pool import Pool, PoolSnapshot
 from aiod.registry import Registry

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 
 from aiod.config import Config
-from aiod.metrics import MetricsServer
+from aiod.metrics_server import MetricsServer
 from aiod.reload import ReloadError
 
 log = logging.getLogger("aiod.listener")

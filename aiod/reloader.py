@@ -23,13 +23,13 @@ from aiod.budget import Budget
 from aiod.config import Config, ConfigError
 from aiod.jobs import Job, JobResourceError
 from aiod.listener import Listener
-from aiod.metrics import MetricsServer
+from aiod.metrics_server import MetricsServer
 from aiod.notify import Notifier
+from aiod.owned import OwnedFiles
 from aiod.pool import Pool, PoolError
 from aiod.registry import Registry
 from aiod.reload import Plan, ReloadError, plan
 from aiod.startup import Builder
-from aiod.targets import OwnedFiles
 from aiod.worker import Worker
 
 log = logging.getLogger("aiod.reloader")

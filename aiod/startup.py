@@ -18,8 +18,8 @@ from pathlib import Path
 from aiod.config import Config, JobConfig
 from aiod.exit_codes import EXIT_FAILURE, EXIT_TEMPFAIL
 from aiod.jobs import Job, make_job
+from aiod.owned import OwnedFiles
 from aiod.pool import Pool, PoolCapacityError, PoolError
-from aiod.targets import OwnedFiles
 
 log = logging.getLogger("aiod.startup")
 

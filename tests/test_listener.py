@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from aiod import config
 from aiod.config import Config
 from aiod.listener import Listener
-from aiod.metrics import MetricsServer
+from aiod.metrics_server import MetricsServer
 from aiod.reload import ReloadError
 
 
