@@ -26,6 +26,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/aio_abi.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,6 +39,13 @@
 #define FINE_N 3712       /* log-linear buckets: exact below 128, 64 per octave to 2^63 */
 #define AIO_RING_MAGIC 0xa10a10a1u
 #define MAX_NOTES 4096    /* notes kept per OpSet between take_notes() calls */
+/* cycle()'s io_submit size for a set whose reads and writes are all O_DIRECT.
+ * One io_submit of everything ready keeps its ops from the device until the
+ * call returns (the kernel plugs an io_submit of more than 2 iocbs), and the
+ * completions that arrive meanwhile wait for the next reap. Measured here at
+ * iodepth 32 (in-process A/B, switching every 100 ms): 2 or 4 per call beat
+ * all-at-once by 3-20 % in IOPS, 2 and 4 alike; 4 costs ~12 % less CPU per op. */
+#define DIRECT_BATCH 4
 
 enum { OUT_COMPLETED = 0, OUT_CANCELLED = 1, OUT_FAILED = 2, OUT_REJECTED = 3, OUT_SHORT = 4 };
 enum { PAT_FIXED = 0, PAT_SEQ = 1, PAT_RAND = 2 };
@@ -354,6 +362,9 @@ typedef struct OpSet {
     uint32_t n, cap;
     uint32_t *free[2];
     uint32_t nfree[2];
+    uint32_t *held;             /* refused during this cycle(): freed when it ends */
+    uint32_t nheld;
+    uint32_t ndata, ndirect;    /* reads and writes added; those on an O_DIRECT fd */
     uint32_t in_flight;
     uint32_t depth;             /* at most this many in flight (0: no limit) */
     PyObject *owners;           /* list: buffers the kernel touches, kept alive */
@@ -405,9 +416,10 @@ static int OpSet_init(OpSet *self, PyObject *args, PyObject *kw) {
     self->ops = calloc(cap, sizeof(Op));
     self->free[0] = malloc(cap * sizeof(uint32_t));
     self->free[1] = malloc(cap * sizeof(uint32_t));
+    self->held = malloc(cap * sizeof(uint32_t));
     self->notes = malloc(MAX_NOTES * sizeof(Note));
     self->owners = PyList_New(0);
-    if (!self->ops || !self->free[0] || !self->free[1] || !self->notes || !self->owners) {
+    if (!self->ops || !self->free[0] || !self->free[1] || !self->held || !self->notes || !self->owners) {
         PyErr_NoMemory();
         return -1;
     }
@@ -424,10 +436,16 @@ static void OpSet_dealloc(OpSet *self) {
     free(self->ops);
     free(self->free[0]);
     free(self->free[1]);
+    free(self->held);
     free(self->notes);
     Py_XDECREF(self->owners);
     Py_XDECREF((PyObject *)self->acct);
     free_self((PyObject *)self);
+}
+
+static inline int is_data(uint16_t code) {   /* the opcodes that take an offset */
+    return code == IOCB_CMD_PREAD || code == IOCB_CMD_PWRITE || code == IOCB_CMD_PREADV ||
+           code == IOCB_CMD_PWRITEV;
 }
 
 /* add(opcode, fd, buf, nbytes, row, cls=0, offset=0, rw_flags=0, owner=None) -> index */
@@ -460,6 +478,11 @@ static PyObject *OpSet_add(OpSet *self, PyObject *args, PyObject *kw) {
     op->index = i;
     op->cls = (uint8_t)cls;
     self->free[cls][self->nfree[cls]++] = i;
+    if (is_data(op->cb.aio_lio_opcode)) {
+        int fl = fcntl(fd, F_GETFL);
+        self->ndata++;
+        if (fl != -1 && (fl & O_DIRECT)) self->ndirect++;
+    }
     return PyLong_FromUnsignedLong(i);
 }
 
@@ -536,6 +559,12 @@ static PyObject *OpSet_get_in_flight(OpSet *self, void *c) {
 static PyObject *OpSet_get_size(OpSet *self, void *c) {
     return PyLong_FromUnsignedLong(self->n);
 }
+static inline int set_direct(const OpSet *s) {
+    return s->ndata > 0 && s->ndirect == s->ndata;
+}
+static PyObject *OpSet_get_direct(OpSet *self, void *c) {
+    return PyBool_FromLong(set_direct(self));
+}
 
 static PyMethodDef OpSet_methods[] = {
     {"add", (PyCFunction)(void (*)(void))OpSet_add, METH_VARARGS | METH_KEYWORDS,
@@ -554,6 +583,8 @@ static PyGetSetDef OpSet_getset[] = {
     {"ready", (getter)OpSet_get_ready, NULL, "ops that may be submitted now (free, within depth)", NULL},
     {"in_flight", (getter)OpSet_get_in_flight, NULL, "ops in flight", NULL},
     {"size", (getter)OpSet_get_size, NULL, "ops added", NULL},
+    {"direct", (getter)OpSet_get_direct, NULL,
+     "every read and write added is on an O_DIRECT fd (and there is one)", NULL},
     {NULL}
 };
 
@@ -593,6 +624,7 @@ typedef struct Ring {
     struct io_event *pending;   /* completions io_cancel handed back itself (old kernels) */
     uint32_t npending, pendcap;
     uint64_t user_reaped, sys_reaped;
+    uint64_t submit_calls;      /* io_submit syscalls made */
 } Ring;
 
 static PyObject *RingType;
@@ -670,12 +702,14 @@ static int to_top(OpSet *s, uint32_t index) {
 }
 
 static int do_submit_ix(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets,
-                        const uint32_t *indices, SubmitOut *out);
-static int do_submit(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets, SubmitOut *out) {
-    return do_submit_ix(self, s, n, offsets, NULL, out);
+                        const uint32_t *indices, int hold, SubmitOut *out);
+/* hold: an op the kernel refuses is set aside (OpSet.held), not freed, so
+ * that later io_submits of the same cycle() do not pick it again. */
+static int do_submit(Ring *self, OpSet *s, uint32_t n, int hold, SubmitOut *out) {
+    return do_submit_ix(self, s, n, NULL, NULL, hold, out);
 }
 static int do_submit_ix(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets,
-                        const uint32_t *indices, SubmitOut *out) {
+                        const uint32_t *indices, int hold, SubmitOut *out) {
     memset(out, 0, sizeof *out);
     uint32_t avail = s->nfree[0] + s->nfree[1];
     if (s->depth) avail = s->in_flight >= s->depth ? 0 : (avail < s->depth - s->in_flight ? avail : s->depth - s->in_flight);
@@ -717,9 +751,7 @@ static int do_submit_ix(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets
             PyErr_Format(PyExc_ValueError, "op %u counts into dropped row %u", op->index, op->row);
             return -1;
         }
-        uint16_t code = op->cb.aio_lio_opcode;
-        if (code != IOCB_CMD_PREAD && code != IOCB_CMD_PWRITE && code != IOCB_CMD_PREADV &&
-            code != IOCB_CMD_PWRITEV)
+        if (!is_data(op->cb.aio_lio_opcode))
             ;   /* no offset: the kernel refuses one on POLL (EINVAL) */
         else if (offsets) op->cb.aio_offset = offsets[i];
         else if (s->pattern == PAT_RAND)
@@ -744,6 +776,7 @@ static int do_submit_ix(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets
         Py_BEGIN_ALLOW_THREADS
         got = sys_submit(self->ctx, n - i, ptrs + i);
         Py_END_ALLOW_THREADS
+        self->submit_calls++;
         if (got == (long)(n - i)) { i = n; break; }
         if (got < 0) {
             int err = errno;
@@ -775,7 +808,8 @@ static int do_submit_ix(Ring *self, OpSet *s, uint32_t n, const int64_t *offsets
             int e = errs[k] < NERR ? errs[k] : NERR - 1;
             r->failed++;
             r->errnos[e]++;
-            s->free[op->cls][s->nfree[op->cls]++] = op->index;
+            if (hold) s->held[s->nheld++] = op->index;
+            else s->free[op->cls][s->nfree[op->cls]++] = op->index;
             add_note(s, op->index, OUT_REJECTED, errs[k]);
             continue;
         }
@@ -999,7 +1033,7 @@ static PyObject *Ring_submit(Ring *self, PyObject *args, PyObject *kw) {
     if (has < 0) { free(ix); return NULL; }
     if (enter(self) < 0) { if (has) PyBuffer_Release(&view); free(ix); return NULL; }
     SubmitOut so;
-    int rc = do_submit_ix(self, (OpSet *)set, n, has ? (const int64_t *)view.buf : NULL, ix, &so);
+    int rc = do_submit_ix(self, (OpSet *)set, n, has ? (const int64_t *)view.buf : NULL, ix, 0, &so);
     self->busy = 0;
     free(ix);
     if (has) PyBuffer_Release(&view);
@@ -1040,16 +1074,28 @@ static PyObject *Ring_reap(Ring *self, PyObject *args, PyObject *kw) {
                          (unsigned long long)ro.failed, ro.last_errno);
 }
 
-/* cycle(opset, min_nr=1, timeout=None, batch=0): one call per batch for a load:
- * reap (waiting for min_nr), then submit every free op of opset, batch at a
- * time (0: all in one io_submit).
- * -> (completed, cancelled, failed, reap_errno, submitted, rejected, unsubmitted, submit_errno) */
+/* Put back on the free lists the ops cycle() set aside as refused. */
+static void release_held(OpSet *s) {
+    for (uint32_t k = 0; k < s->nheld; k++) {
+        Op *op = &s->ops[s->held[k]];
+        s->free[op->cls][s->nfree[op->cls]++] = op->index;
+    }
+    s->nheld = 0;
+}
+
+/* cycle(opset, min_nr=1, timeout=None, batch=None, detail=False): one call per
+ * batch for a load: reap (waiting for min_nr), then submit every ready op of
+ * opset, batch per io_submit (0: all in one; None: DIRECT_BATCH when the set
+ * is O_DIRECT, else all in one).
+ * -> (completed, cancelled, failed, reap_errno, submitted, rejected, unsubmitted, submit_errno
+ *     [, reaped: [(opset, index, kind, res, lat_ns)] when detail]) */
 static PyObject *Ring_cycle(Ring *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"opset", "min_nr", "timeout", "batch", NULL};
-    PyObject *set, *tobj = Py_None;
-    unsigned int min_nr = 1, batch = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|IOI", kwlist, (PyTypeObject *)OpSetType, &set, &min_nr,
-                                     &tobj, &batch))
+    static char *kwlist[] = {"opset", "min_nr", "timeout", "batch", "detail", NULL};
+    PyObject *set, *tobj = Py_None, *bobj = Py_None;
+    unsigned int min_nr = 1;
+    int detail = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|IOOp", kwlist, (PyTypeObject *)OpSetType, &set, &min_nr,
+                                     &tobj, &bobj, &detail))
         return NULL;
     double timeout = -1;
     if (tobj != Py_None) {
@@ -1057,31 +1103,45 @@ static PyObject *Ring_cycle(Ring *self, PyObject *args, PyObject *kw) {
         if (timeout == -1.0 && PyErr_Occurred()) return NULL;
         if (timeout < 0) timeout = 0;
     }
-    if (enter(self) < 0) return NULL;
     OpSet *s = (OpSet *)set;
+    uint32_t batch = set_direct(s) ? DIRECT_BATCH : 0;
+    if (bobj != Py_None) {
+        long v = PyLong_AsLong(bobj);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        if (v < 0) { PyErr_SetString(PyExc_ValueError, "batch must be >= 0 (0: all at once) or None"); return NULL; }
+        batch = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
+    }
+    PyObject *dl = NULL;
+    if (detail && !(dl = PyList_New(0))) return NULL;
+    if (enter(self) < 0) { Py_XDECREF(dl); return NULL; }
     ReapOut ro = {0};
     SubmitOut so = {0}, part;
     int rc = 0;
-    if (self->in_flight || self->npending) rc = do_reap(self, min_nr, 0, timeout, &ro, NULL);
-    /* Each free op is submitted at most once per cycle: one refused with an
-     * errno goes back to the free list and waits for the next cycle. */
+    if (self->in_flight || self->npending) rc = do_reap(self, min_nr, 0, timeout, &ro, dl);
+    /* Each ready op is tried at most once per cycle: one the kernel refuses
+     * is held aside until the end, and waits for the next cycle. */
     uint32_t budget = ready(s);
     while (rc == 0 && budget) {
         uint32_t avail = ready(s);
         if (avail > budget) avail = budget;
         if (!avail) break;
         uint32_t n = batch && batch < avail ? batch : avail;
-        rc = do_submit(self, s, n, NULL, &part);
+        rc = do_submit(self, s, n, 1, &part);
         if (rc < 0) break;
         budget -= n;
         so.ok += part.ok;
         so.rejected += part.rejected;
         if (part.last_errno) so.last_errno = part.last_errno;
         if (part.unsubmitted) { so.unsubmitted += part.unsubmitted; break; }
-        if (part.ok == 0) break;    /* every one refused: do not spin */
     }
+    release_held(s);
     self->busy = 0;
-    if (rc < 0) return NULL;
+    if (rc < 0) { Py_XDECREF(dl); return NULL; }
+    if (dl)
+        return Py_BuildValue("(KKKiKKKiN)", (unsigned long long)ro.completed,
+                             (unsigned long long)ro.cancelled, (unsigned long long)ro.failed,
+                             ro.last_errno, (unsigned long long)so.ok, (unsigned long long)so.rejected,
+                             (unsigned long long)so.unsubmitted, so.last_errno, dl);
     return Py_BuildValue("(KKKiKKKi)", (unsigned long long)ro.completed,
                          (unsigned long long)ro.cancelled, (unsigned long long)ro.failed,
                          ro.last_errno, (unsigned long long)so.ok, (unsigned long long)so.rejected,
@@ -1196,6 +1256,10 @@ static PyObject *Ring_get_user_reap(Ring *self, void *c) {
     return PyBool_FromLong(self->uring != NULL);
 }
 
+static PyObject *Ring_get_submit_calls(Ring *self, void *c) {
+    return PyLong_FromUnsignedLongLong(self->submit_calls);
+}
+
 static PyObject *Ring_get_reaped(Ring *self, void *c) {
     return Py_BuildValue("(KK)", (unsigned long long)self->user_reaped,
                          (unsigned long long)self->sys_reaped);
@@ -1208,8 +1272,9 @@ static PyMethodDef Ring_methods[] = {
      "reap(min_nr=0, timeout=0.0, max_nr=0, detail=False) -> (completed, cancelled, failed, "
      "last_errno[, detail])"},
     {"cycle", (PyCFunction)(void (*)(void))Ring_cycle, METH_VARARGS | METH_KEYWORDS,
-     "cycle(opset, min_nr=1, timeout=None, batch=0) -> (completed, cancelled, failed, "
-     "reap_errno, submitted, rejected, unsubmitted, submit_errno)"},
+     "cycle(opset, min_nr=1, timeout=None, batch=None, detail=False) -> (completed, cancelled, "
+     "failed, reap_errno, submitted, rejected, unsubmitted, submit_errno[, reaped]); batch: ops per "
+     "io_submit, 0 all at once, None the engine's choice (DIRECT_BATCH for an O_DIRECT set, else all)"},
     {"cancel", (PyCFunction)Ring_cancel, METH_VARARGS, "cancel(opset, index) -> bool"},
     {"cancel_all", (PyCFunction)Ring_cancel_all, METH_NOARGS,
      "cancel_all() -> (requested, uncancellable)"},
@@ -1224,6 +1289,7 @@ static PyGetSetDef Ring_getset[] = {
     {"oldest_submitted_ns", (getter)Ring_get_oldest, NULL, "submit time of the oldest op in flight", NULL},
     {"user_reap", (getter)Ring_get_user_reap, NULL, "reaping from the mapped ring", NULL},
     {"reaped", (getter)Ring_get_reaped, NULL, "(from the ring, from io_getevents)", NULL},
+    {"submit_calls", (getter)Ring_get_submit_calls, NULL, "io_submit syscalls made", NULL},
     {NULL}
 };
 
@@ -1272,7 +1338,8 @@ PyMODINIT_FUNC PyInit__engine(void) {
         PyModule_AddObject(m, "OpSet", OpSetType) < 0 ||
         PyModule_AddObject(m, "Ring", RingType) < 0 ||
         PyModule_AddIntConstant(m, "FINE_BUCKETS", FINE_N) < 0 ||
-        PyModule_AddIntConstant(m, "ERRNO_SLOTS", NERR) < 0) {
+        PyModule_AddIntConstant(m, "ERRNO_SLOTS", NERR) < 0 ||
+        PyModule_AddIntConstant(m, "DIRECT_BATCH", DIRECT_BATCH) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -161,8 +161,11 @@ class EngineContext:
         return r  # type: ignore[no-any-return]
 
     def cycle(self, opset: Any, min_nr: int = 1, timeout: float | None = None,
-              batch: int = 0) -> tuple[int, ...]:
-        """Reap, then resubmit opset's ready ops: one engine call. See Ring.cycle."""
+              batch: int | None = None) -> tuple[int, ...]:
+        """Reap, then resubmit opset's ready ops: one engine call. See Ring.cycle.
+
+        batch: ops per io_submit; 0 all at once; None lets the engine choose
+        (small io_submits for an O_DIRECT set, one for a buffered one)."""
         r = self.ring.cycle(opset, min_nr, timeout, batch)
         self._outcomes(r[0], r[1], r[2], r[3])
         self._submitted(r[4], r[5], r[7])

@@ -169,6 +169,44 @@ class Rig:
         ec = self.ctxs[c]
         completed, cancelled, failed, _err, detail = ec.ring.reap(min_nr, timeout, detail=True)
         ec.record.add_outcomes(completed, cancelled, failed)
+        self.finished(c, detail)
+        self.set.take_notes()
+        return len(detail)
+
+    def cycle(self, c: int, batch: int | None) -> None:
+        """One Ring.cycle: reap what is there, then try every free op, batch per io_submit."""
+        ec = self.ctxs[c]
+        calls = ec.ring.submit_calls
+        (completed, cancelled, failed, _rerr, ok, rejected, unsubmitted, err,
+         detail) = ec.ring.cycle(self.set, 0, 0.0, batch, detail=True)
+        ec.record.add_outcomes(completed, cancelled, failed)
+        if ok:
+            ec.record.add_submitted(ok)
+        if rejected:
+            ec.record.add_rejected(rejected, "io_submit refused it")
+        self.finished(c, detail)
+        tried = set(self.free)
+        went = sorted(i for i in tried if self.set.op_info(i)["in_flight"])
+        notes, dropped = self.set.take_notes()
+        assert dropped == 0
+        refused = [i for i, k, v in notes if k == "rejected"]
+        # A refused op is held aside: tried once per cycle, however small the batches.
+        assert len(refused) == len(set(refused)) == rejected
+        assert all(self.kind_of[i] == "badfd" for i in refused) and (not refused or err == errno.EBADF)
+        assert len(went) == ok
+        if not unsubmitted:  # nothing handed back (EAGAIN): every free op was tried
+            assert set(went) | set(refused) == tried
+            per_call = batch if batch is not None else (eng.DIRECT_BATCH if self.set.direct else 0)
+            assert ec.ring.submit_calls - calls >= (-(-len(tried) // per_call) if per_call else bool(tried))
+        for _ in refused:
+            self.model.rejected("badfd", errno.EBADF)
+        for i in went:
+            self.model.submitted(self.kind_of[i])
+            self.free.discard(i)
+            self.where[i] = c
+
+    def finished(self, c: int, detail: list[Any]) -> None:
+        """Check each reaped op against what it is, and give it to the model."""
         for opset, i, outcome, res, lat in detail:
             assert opset is self.set and self.where.pop(i) == c
             kind = self.kind_of[i]
@@ -199,8 +237,6 @@ class Rig:
             self.model.finished(kind, outcome, res, lat, BS)
             self.cancelled.discard(i)
             self.free.add(i)
-        self.set.take_notes()
-        return len(detail)
 
     def cancel_polls(self, n: int) -> None:
         for i in sorted(self.where):
@@ -242,6 +278,7 @@ ACTIONS = st.lists(
                   st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 2 * FILE_SIZE // BS - 1)),
                            min_size=1, max_size=8)),
         st.tuples(st.just("reap"), st.integers(0, 1), st.just([])),
+        st.tuples(st.just("cycle"), st.integers(0, 1), st.sampled_from([None, 0, 1, 2, 3])),
         st.tuples(st.just("wait"), st.integers(0, 1), st.just([])),
         st.tuples(st.just("wake"), st.just(0), st.just([])),
         st.tuples(st.just("quiet"), st.just(0), st.just([])),
@@ -282,6 +319,8 @@ def test_compiled_accounting_matches_the_reference_model(files: Any, actions: li
                 rig.submit(n, picks)
             elif what == "reap":
                 rig.reap(n)
+            elif what == "cycle":
+                rig.cycle(n, picks)
             elif what == "wait" and rig.ctxs[n].in_flight:
                 rig.reap(n, 1, 0.01)
             elif what == "wake":
@@ -442,6 +481,72 @@ def test_user_space_reaping_checks_the_ring_and_reaps_the_same(direct_file: tupl
     assert d["completed"] == d["submitted"] == from_ring + from_syscall
     rec = ec.record.snapshot()
     assert rec.completed == d["completed"] and rec.in_flight == 0
+
+
+def _read_set(ledger: Ledger, fd: int, n: int, room: int = 0) -> Any:
+    """n O_DIRECT-able random reads of fd, with room for more ops."""
+    row = ledger.row("c", "read")
+    opset = eng.OpSet(ledger.acct, n + room, pattern="rand", nblocks=FILE_SIZE // BS, block_size=BS)
+    for b in aio.aligned_buffers(n, BS):
+        opset.add(aio.IOCB_CMD_PREAD, fd, b.address, BS, row, owner=b)
+    return opset
+
+
+def test_cycle_submits_an_o_direct_set_a_few_ops_per_io_submit(direct_file: tuple[int, Path]) -> None:
+    """The kernel holds back every op of a larger io_submit until the call
+    returns (its plug): by default an O_DIRECT set goes DIRECT_BATCH at a time;
+    a buffered set, whose ops run inside io_submit, all at once."""
+    fd, path = direct_file
+    assert 1 <= eng.DIRECT_BATCH <= 4
+    ledger = Ledger()
+    direct = _read_set(ledger, fd, 8)
+    bfd = os.open(path, os.O_RDONLY)
+    ec = EngineContext("c", 0, 16)
+    try:
+        buffered = _read_set(ledger, bfd, 8)
+        assert direct.direct and not buffered.direct
+        for opset, batch, calls in ((direct, None, -(-8 // eng.DIRECT_BATCH)), (direct, 0, 1), (direct, 3, 3),
+                                    (buffered, None, 1), (buffered, 2, 4)):
+            before = ec.ring.submit_calls
+            r = ec.cycle(opset, 0, 0.0, batch)
+            assert r[4:] == (8, 0, 0, 0)
+            assert ec.ring.submit_calls - before == calls, (opset.direct, batch)
+            ec.drain(time.monotonic() + 5)
+    finally:
+        ec.destroy(5.0)
+        os.close(bfd)
+    d = ledger.raw()[("c", "read")]
+    assert d["submitted"] == d["completed"] == 40 and d["in_flight"] == 0
+    rec = ec.record.snapshot()
+    assert rec.submitted == rec.completed == 40
+
+
+def test_a_refused_op_is_tried_once_per_cycle_and_does_not_stop_it(direct_file: tuple[int, Path]) -> None:
+    """Submitting a few at a time, an op io_submit refuses is set aside until
+    the cycle ends: the ops behind it still go, and it is counted once."""
+    fd, _ = direct_file
+    ledger = Ledger()
+    opset = _read_set(ledger, fd, 6, room=1)
+    bad_row = ledger.row("c", "fsync")
+    closed = os.open("/dev/null", os.O_RDONLY)
+    os.close(closed)
+    bad = opset.add(aio.IOCB_CMD_FSYNC, closed, 0, 0, bad_row)  # added last: tried first
+    ec = EngineContext("c", 0, 16)
+    try:
+        for batch in (1, 2, None, 0):
+            r = ec.cycle(opset, 0, 0.0, batch)
+            assert r[4:] == (6, 1, 0, errno.EBADF), batch
+            notes, _ = opset.take_notes()
+            assert [(i, k) for i, k, _v in notes if k == "rejected"] == [(bad, "rejected")]
+            assert opset.free == 1  # the refused op is free again for the next cycle
+            ec.drain(time.monotonic() + 5)
+    finally:
+        ec.destroy(5.0)
+    raw = ledger.raw()
+    assert raw[("c", "fsync")]["submitted"] == 4 and raw[("c", "fsync")]["failed"] == {errno.EBADF: 4}
+    assert raw[("c", "read")]["submitted"] == raw[("c", "read")]["completed"] == 24
+    rec = ec.record.snapshot()
+    assert rec.submitted == 28 and rec.failed == 4 and rec.completed == 24
 
 
 def test_aiod_refuses_to_start_without_the_engine(tmp_path: Path) -> None:
