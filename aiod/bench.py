@@ -24,18 +24,17 @@ import json
 import os
 import random
 import resource
-import stat
+import select
 import sys
 import time
-import select
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiod import aio
 from aiod.config import parse_duration, parse_size, physical_memory
-from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
 from aiod.engine import EngineContext, Ledger, require
+from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
 from aiod.lifecycle import ContextState
 from aiod.opkind import JobOp, OpKind
 from aiod.pool import PoolCapacityError, PoolError, PoolSnapshot
@@ -51,7 +50,7 @@ class BenchError(Exception):
 def hist_index(ns: int) -> int:
     """Log-linear bucket of a latency in ns: exact below 128, then 64 per octave."""
     if ns < 128:
-        return ns if ns > 0 else 0
+        return max(ns, 0)
     shift = ns.bit_length() - 7
     return (shift << 6) + (ns >> shift)
 
@@ -94,7 +93,7 @@ class Settings:
     allow_overwrite: bool
     json: bool
     contexts: int
-    iodepth_batch: int = 0
+    iodepth_batch: int | None = None   # None: the engine's choice
     userspace_reap: bool = False
 
 
@@ -119,9 +118,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--allow-overwrite", action="store_true",
                    help="allow writes to an existing file or device (its data is destroyed)")
     p.add_argument("--contexts", type=int, default=1, help="kernel contexts in the pool")
-    p.add_argument("--iodepth-batch", type=int, default=0, metavar="N",
+    p.add_argument("--iodepth-batch", type=int, default=None, metavar="N",
                    help="submit at most N operations per io_submit, like fio's "
-                        "iodepth_batch_submit (default: all that are ready)")
+                        "iodepth_batch_submit; 0: all that are ready (default: the "
+                        "engine's choice, 4 with --direct, all with --buffered)")
     p.add_argument("--userspace-reap", action="store_true",
                    help="reap completions from the context's mapped ring without a syscall "
                         "when they are there (like fio's userspace_reap); io_getevents "
@@ -142,7 +142,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise BenchError(f"--iodepth {args.iodepth}: must be between 1 and 65536")
     if args.contexts < 1 or args.contexts > args.iodepth:
         raise BenchError(f"--contexts {args.contexts}: must be between 1 and --iodepth")
-    if args.iodepth_batch < 0 or args.iodepth_batch > args.iodepth:
+    if args.iodepth_batch is not None and not 0 <= args.iodepth_batch <= args.iodepth:
         raise BenchError(f"--iodepth-batch {args.iodepth_batch}: must be between 0 (all) "
                          "and --iodepth")
     if runtime <= 0:
@@ -240,58 +240,81 @@ def _loop(s: Settings, ledger: Ledger, rows: dict[str, int], ctxs: list[EngineCo
           opsets: list[Any], efd: int | None, progress: bool) -> dict[str, Any]:
     """Submit and reap through the engine until the runtime is up, then shut
     down through the same steps as the daemon: drain, cancel, destroy."""
-    chunk = s.iodepth_batch
-    single = len(ctxs) == 1
-    pairs = list(zip(ctxs, opsets))
+    elapsed, cpu = _drive(s, ctxs, opsets, efd, progress)
+    # Completions after the clock stopped are accounted, not counted in IOPS:
+    # the histograms and bytes are read now, before the drain.
+    nbytes = sum(d["bytes"] for d in ledger.raw().values())
+    clat, lat = _fine_histograms(ledger, rows)
+    snap = _shut_down(ledger, ctxs)
+    return _result(s, elapsed, cpu, nbytes, clat, lat, snap, ledger)
+
+
+def _drive(s: Settings, ctxs: list[EngineContext], opsets: list[Any], efd: int | None,
+           progress: bool) -> tuple[float, float]:
+    """The timed part: cycles until the runtime is up (or Ctrl-C). -> (elapsed, CPU seconds)."""
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
+    t0 = now = time.perf_counter()
     end = t0 + s.runtime
     next_progress = t0 + 1.0
     ios = 0
-    now = t0
     try:
         while True:
-            if single:
-                r = ctxs[0].cycle(opsets[0], 1, 1.0, chunk)
-                ios += r[0]
-                refused = r[5]
-            else:
-                ios_before = ios
-                refused = 0
-                for ec, opset in pairs:
-                    r = ec.cycle(opset, 0, 0.0, chunk)
-                    ios += r[0]
-                    refused += r[5]
-                if ios == ios_before and efd is not None:
-                    select.select([efd], [], [], 1.0)
-                    try:
-                        os.eventfd_read(efd)
-                    except BlockingIOError:
-                        pass
+            done, refused = _step(s, ctxs, opsets, efd)
+            ios += done
             if refused and not any(ec.in_flight for ec in ctxs):
-                notes, _ = opsets[0].take_notes()
-                err = next((v for _, kind, v in notes if kind == "rejected"), 0)
-                raise BenchError(f"every operation on {s.target} was refused: "
-                                 f"{os.strerror(err) if err else 'io_submit failed'}")
+                _all_refused(s, opsets[0])
             now = time.perf_counter()
             if now >= end:
                 break
             if progress and now >= next_progress:
-                el = now - t0
-                sys.stdout.write(f"\r[{el:4.0f}s/{s.runtime:g}s] {ios / el:10.0f} IOPS "
-                                 f"{ios * s.bs / el / 2**20:9.1f} MiB/s")
-                sys.stdout.flush()
+                _show_progress(s, ios, now - t0)
                 next_progress = now + 1.0
     except KeyboardInterrupt:
         now = time.perf_counter()  # Ctrl-C ends the run early; results still print
-    elapsed = now - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if progress:
         sys.stdout.write("\r" + " " * 60 + "\r")
-    # Completions after the clock stopped are accounted, not counted in IOPS:
-    # the histograms and bytes are read now, before the drain.
-    raw = ledger.raw()
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return now - t0, cpu
+
+
+def _step(s: Settings, ctxs: list[EngineContext], opsets: list[Any],
+          efd: int | None) -> tuple[int, int]:
+    """One engine cycle per context. -> (completed, refused by io_submit)."""
+    if len(ctxs) == 1:
+        # One context: wait in the kernel for the first completion.
+        r = ctxs[0].cycle(opsets[0], 1, 1.0, s.iodepth_batch)
+        return r[0], r[5]
+    done = refused = 0
+    for ec, opset in zip(ctxs, opsets):
+        r = ec.cycle(opset, 0, 0.0, s.iodepth_batch)
+        done += r[0]
+        refused += r[5]
+    if not done and efd is not None:
+        # Several contexts: their completions all signal one eventfd.
+        select.select([efd], [], [], 1.0)
+        try:
+            os.eventfd_read(efd)
+        except BlockingIOError:
+            pass
+    return done, refused
+
+
+def _all_refused(s: Settings, opset: Any) -> None:
+    notes, _ = opset.take_notes()
+    err = next((v for _, kind, v in notes if kind == "rejected"), 0)
+    raise BenchError(f"every operation on {s.target} was refused: "
+                     f"{os.strerror(err) if err else 'io_submit failed'}")
+
+
+def _show_progress(s: Settings, ios: int, elapsed: float) -> None:
+    sys.stdout.write(f"\r[{elapsed:4.0f}s/{s.runtime:g}s] {ios / elapsed:10.0f} IOPS "
+                     f"{ios * s.bs / elapsed / 2**20:9.1f} MiB/s")
+    sys.stdout.flush()
+
+
+def _fine_histograms(ledger: Ledger, rows: dict[str, int]) -> tuple[dict[int, int], dict[int, int]]:
+    """(clat, lat): the engine's fine histograms of every row, added up."""
     hist: dict[int, int] = {}
     lhist: dict[int, int] = {}
     for k in rows:
@@ -300,7 +323,11 @@ def _loop(s: Settings, ledger: Ledger, rows: dict[str, int], ctxs: list[EngineCo
             hist[idx] = hist.get(idx, 0) + n
         for idx, n in lat.items():
             lhist[idx] = lhist.get(idx, 0) + n
-    nbytes = sum(d["bytes"] for d in raw.values())
+    return hist, lhist
+
+
+def _shut_down(ledger: Ledger, ctxs: list[EngineContext]) -> PoolSnapshot:
+    """Drain, cancel and destroy as the daemon does; the pool's final snapshot."""
     deadline = time.monotonic() + 30.0
     for ec in ctxs:
         ec.drain(deadline)
@@ -309,11 +336,15 @@ def _loop(s: Settings, ledger: Ledger, rows: dict[str, int], ctxs: list[EngineCo
     for ec in ctxs:
         ec.destroy(30.0)
     records = [ec.record.snapshot() for ec in ctxs]
-    snap = PoolSnapshot(name="bench", state="closed", nr_events=ctxs[0].record.nr_events,
+    return PoolSnapshot(name="bench", state="closed", nr_events=ctxs[0].record.nr_events,
                         records=records, stats=ledger.stats(), setups=len(ctxs),
                         destroys=sum(r.state is ContextState.DESTROYED for r in records),
                         destroy_failures=sum(r.state is ContextState.FAILED for r in records),
                         setup_failures={}, oldest_in_flight_seconds=0.0)
+
+
+def _result(s: Settings, elapsed: float, cpu: float, nbytes: int, hist: dict[int, int],
+            lhist: dict[int, int], snap: PoolSnapshot, ledger: Ledger) -> dict[str, Any]:
     errors = sum(st.failed_total for st in snap.stats)
     pct = percentiles(hist, (50.0, 90.0, 99.0, 99.9))
     lpct = percentiles(lhist, (50.0, 90.0, 99.0, 99.9))
@@ -353,7 +384,8 @@ def _human(r: dict[str, Any]) -> str:
             f"p99={us(lat['p99'])} p99.9={us(lat['p99_9'])}\n"
             f"  lat (incl. io_submit): p50={us(r['total_latency_ns']['p50'])} "
             f"p99={us(r['total_latency_ns']['p99'])}\n"
-            f"  cpu={r['cpu_seconds']:.2f}s ({100 * r['cpu_seconds'] / max(r['runtime_seconds'], 1e-9):.0f}% of one core)\n"
+            f"  cpu={r['cpu_seconds']:.2f}s "
+            f"({100 * r['cpu_seconds'] / max(r['runtime_seconds'], 1e-9):.0f}% of one core)\n"
             f"  accounting: submitted {acct['submitted']} = completed {acct['completed']} + "
             f"cancelled {acct['cancelled']} + failed {acct['failed']} + in flight "
             f"{acct['in_flight']}")
