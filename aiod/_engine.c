@@ -531,13 +531,33 @@ static PyObject *OpSet_op_info(OpSet *self, PyObject *arg) {
     if (i == -1 && PyErr_Occurred()) return NULL;
     if (i < 0 || (uint32_t)i >= self->n) { PyErr_SetString(PyExc_IndexError, "no such op"); return NULL; }
     Op *op = &self->ops[i];
-    return Py_BuildValue("{s:i,s:i,s:L,s:K,s:n,s:i,s:O,s:L}", "opcode", op->cb.aio_lio_opcode,
+    return Py_BuildValue("{s:i,s:i,s:L,s:K,s:K,s:n,s:i,s:O,s:L}", "opcode", op->cb.aio_lio_opcode,
                          "fd", (int)op->cb.aio_fildes, "offset", (long long)op->cb.aio_offset,
+                         "buf", (unsigned long long)op->cb.aio_buf,
                          "nbytes", (unsigned long long)op->cb.aio_nbytes, "row", (Py_ssize_t)op->row,
                          "cls", op->cls, "in_flight", op->inflight ? Py_True : Py_False,
                          "submitted_ns", (long long)op->sub_ns);
 }
 
+/* release(index): give back an op that account_lost(keep_alive=True) kept
+ * (neither free nor in flight), once io_destroy has returned after all. */
+static PyObject *OpSet_release(OpSet *self, PyObject *arg) {
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    if (i < 0 || (uint32_t)i >= self->n) { PyErr_SetString(PyExc_IndexError, "no such op"); return NULL; }
+    Op *op = &self->ops[i];
+    if (op->inflight) { PyErr_Format(PyExc_ValueError, "op %zd is in flight", i); return NULL; }
+    for (uint32_t k = 0; k < self->nfree[op->cls]; k++)
+        if (self->free[op->cls][k] == (uint32_t)i) {
+            PyErr_Format(PyExc_ValueError, "op %zd is free already", i);
+            return NULL;
+        }
+    self->free[op->cls][self->nfree[op->cls]++] = (uint32_t)i;
+    Py_DECREF((PyObject *)self);    /* the reference the op held while kept */
+    Py_RETURN_NONE;
+}
+
+static inline uint32_t ready(OpSet *s);
 static inline uint32_t ready(OpSet *s) {   /* ops that may be submitted now */
     uint32_t avail = s->nfree[0] + s->nfree[1];
     if (s->depth) {
@@ -575,6 +595,8 @@ static PyMethodDef OpSet_methods[] = {
     {"overdue", (PyCFunction)OpSet_overdue, METH_VARARGS,
      "overdue(now_ns, limit_ns) -> [index]: in flight longer than limit, reported once per flight."},
     {"op_info", (PyCFunction)OpSet_op_info, METH_O, "op_info(index) -> dict (for logs and tests)."},
+    {"release", (PyCFunction)OpSet_release, METH_O,
+     "release(index): free an op account_lost(keep_alive=True) kept, once io_destroy returned."},
     {NULL}
 };
 
@@ -1242,6 +1264,25 @@ static PyObject *Ring_account_lost(Ring *self, PyObject *args, PyObject *kw) {
     return PyLong_FromUnsignedLong(nd);
 }
 
+/* inflight_ops() -> [(opset, index)]: the ops in flight, oldest first (rare paths). */
+static PyObject *Ring_inflight_ops(Ring *self, PyObject *Py_UNUSED(ignored)) {
+    uint32_t n = 0;
+    for (Op *op = self->head.next; op != &self->head; op = op->next) n++;
+    Op **copy = malloc((n ? n : 1) * sizeof(Op *));
+    if (!copy) return PyErr_NoMemory();
+    n = 0;
+    for (Op *op = self->head.next; op != &self->head; op = op->next) copy[n++] = op;
+    /* Python objects only after the walk: an allocation may run other code. */
+    PyObject *l = PyList_New(n);
+    for (uint32_t k = 0; l && k < n; k++) {
+        PyObject *t = Py_BuildValue("(OI)", (PyObject *)copy[k]->set, copy[k]->index);
+        if (!t) { Py_CLEAR(l); break; }
+        PyList_SetItem(l, k, t);
+    }
+    free(copy);
+    return l;
+}
+
 static PyObject *Ring_get_in_flight(Ring *self, void *c) {
     return PyLong_FromUnsignedLong(self->in_flight);
 }
@@ -1276,6 +1317,8 @@ static PyMethodDef Ring_methods[] = {
      "failed, reap_errno, submitted, rejected, unsubmitted, submit_errno[, reaped]); batch: ops per "
      "io_submit, 0 all at once, None the engine's choice (DIRECT_BATCH for an O_DIRECT set, else all)"},
     {"cancel", (PyCFunction)Ring_cancel, METH_VARARGS, "cancel(opset, index) -> bool"},
+    {"inflight_ops", (PyCFunction)Ring_inflight_ops, METH_NOARGS,
+     "inflight_ops() -> [(opset, index)]: the ops in flight, oldest first."},
     {"cancel_all", (PyCFunction)Ring_cancel_all, METH_NOARGS,
      "cancel_all() -> (requested, uncancellable)"},
     {"account_lost", (PyCFunction)(void (*)(void))Ring_account_lost, METH_VARARGS | METH_KEYWORDS,

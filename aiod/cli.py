@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", metavar="PATH",
                    help="configuration file (default: /etc/aiod/aiod.yaml when it exists, "
                         "else the embedded default)")
-    c = sub.add_parser("check-config", help="validate a configuration file (exit 0 or 78)")
+    c = sub.add_parser("check-config", help="validate a configuration file (exit 0 or 78; "
+                       "1 without the compiled engine)")
     c.add_argument("path")
     sub.add_parser("smoke", help="one O_DIRECT write and read through a kernel context")
     st = sub.add_parser("status", help="ask the running daemon what it is doing",
@@ -214,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-NEEDS_ENGINE = ("run", "bench")
+# A configuration that passes check-config must be one aiod can run: without
+# the engine it cannot, so check-config says so too.
+NEEDS_ENGINE = ("run", "check-config", "bench")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

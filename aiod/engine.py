@@ -22,12 +22,13 @@ import importlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from aiod import aio
-from aiod.lifecycle import ContextState, LifecycleRecord
 from aiod.accounting import LATENCY_BUCKETS, OpStats
+from aiod.lifecycle import ContextState, LifecycleRecord
 
 _engine: ModuleType | None
 try:
@@ -62,30 +63,36 @@ class Ledger:
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.bounds = bounds
-        self.acct: Any = require().Accounting([int(round(b * 1e9)) for b in bounds])
+        self.acct: Any = require().Accounting([round(b * 1e9) for b in bounds])
         self._rows: dict[tuple[str, str], int] = {}
         self._keys: dict[int, tuple[str, str]] = {}
+        # Rows come and go on the loop while a scrape names them: a row number
+        # is reused after drop_row, so the copy and its names are taken together.
+        self._lock = threading.Lock()
 
     def row(self, job: str, op: str, *, fine: bool = False) -> int:
         """The row of (job, op), created at zero when new."""
         r = self._rows.get((job, op))
         if r is None:
-            r = self.acct.add_row(fine=fine)
-            self._rows[(job, op)] = r
-            self._keys[r] = (job, op)
+            with self._lock:
+                r = self.acct.add_row(fine=fine)
+                self._rows[(job, op)] = r
+                self._keys[r] = (job, op)
         return r
 
     def forget(self, job: str) -> None:
         """Drop a job's rows (none of its ops may be in flight)."""
-        for key in [k for k in self._rows if k[0] == job]:
-            r = self._rows.pop(key)
-            del self._keys[r]
-            self.acct.drop_row(r)
+        with self._lock:
+            for key in [k for k in self._rows if k[0] == job]:
+                r = self._rows.pop(key)
+                del self._keys[r]
+                self.acct.drop_row(r)
 
     def raw(self) -> dict[tuple[str, str], dict[str, Any]]:
         """Every row's counters, as the engine reports them."""
-        snap = self.acct.snapshot()
-        keys = dict(self._keys)
+        with self._lock:
+            snap = self.acct.snapshot()
+            keys = dict(self._keys)
         return {keys[r]: d for r, d in snap.items() if r in keys}
 
     def stats(self) -> list[OpStats]:
@@ -119,9 +126,17 @@ class EngineContext:
     """
 
     def __init__(self, pool: str, index: int, nr_events: int, *, eventfd: int | None = None,
-                 user_reap: bool = False, wall_clock: Callable[[], float] = time.time) -> None:
+                 user_reap: bool = False, wall_clock: Callable[[], float] = time.time,
+                 ctx: aio.Context | None = None, active: bool = True) -> None:
+        """ctx: a context already set up (the pool's, made with its retries);
+        else one is made here. active=False leaves the record created (the
+        pool activates its new contexts together, once all were made)."""
         eng = require()
-        self.ctx = aio.Context(nr_events, eventfd=eventfd if eventfd is not None else False)
+        if ctx is None:
+            ctx = aio.Context(nr_events, eventfd=eventfd if eventfd is not None else False)
+        self.ctx = ctx
+        # Ops account_lost(keep_alive=True) kept while io_destroy had not returned.
+        self.kept: list[tuple[Any, int]] = []
         try:
             self.ring: Any = eng.Ring(self.ctx.id, nr_events,
                                       eventfd=-1 if eventfd is None else eventfd,
@@ -130,7 +145,8 @@ class EngineContext:
             self.ctx.destroy()
             raise
         self.record = LifecycleRecord(pool, index, self.ctx.id, nr_events, clock=wall_clock)
-        self.record.change_state(ContextState.ACTIVE)
+        if active:
+            self.record.change_state(ContextState.ACTIVE)
 
     @property
     def in_flight(self) -> int:
@@ -206,7 +222,7 @@ class EngineContext:
         def run() -> None:
             try:
                 self.ctx.destroy()
-            except BaseException as e:  # reported below, never raised in a thread
+            except BaseException as e:  # noqa: BLE001 - reported below, never raised in a thread
                 errs.append(e)
 
         th = threading.Thread(target=run, name=f"io_destroy-{self.record.pool}-"
@@ -225,7 +241,28 @@ class EngineContext:
         self.record.change_state(ContextState.DESTROYED)
         return lost
 
+    def cancel_all(self) -> tuple[int, int]:
+        """io_cancel every op in flight: (accepted, uncancellable). The accepted
+        ones come back through reap, counted cancelled."""
+        requested, uncancellable = self.ring.cancel_all()
+        return int(requested), int(uncancellable)
+
+    def account_lost(self, keep_alive: bool = False) -> int:
+        """After io_destroy (or when it is stuck, keep_alive): count what is
+        still in flight cancelled. Ops kept alive are remembered for
+        :meth:`release_kept`. Returns the count."""
+        return self._lost(keep_alive)
+
+    def release_kept(self) -> int:
+        """io_destroy returned at last: the ops kept alive go back to their sets."""
+        kept, self.kept = self.kept, []
+        for opset, index in kept:
+            opset.release(index)
+        return len(kept)
+
     def _lost(self, keep_alive: bool = False) -> int:
+        if keep_alive:
+            self.kept.extend(self.ring.inflight_ops())
         n = int(self.ring.account_lost(keep_alive=keep_alive))
         if n:
             self.record.add_outcomes(0, n, 0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import select
 
-from aiod.jobs import Job
 from aiod.registry import Registry
 from aiod.signals import SignalInbox
 
@@ -66,11 +65,5 @@ class Wakeups:
                     pass
             if not pool.busy:
                 continue
-            for op in pool.reap(timeout=0):
-                n += 1
-                # The job travels on the op: ops a job builds on a retry are
-                # routed the same as the first ones.
-                owner = op.tag.owner if op.tag is not None else None
-                if isinstance(owner, Job):
-                    owner.complete(op)
+            n += pool.reap(timeout=0)  # the pool tells each job of its completions
         return n

@@ -168,7 +168,7 @@ class Shutdown:
 
     def close_targets(self) -> None:
         for job in self.live.all_jobs():
-            job.in_flight = 0  # every op was accounted above; none will complete to the job
+            job.abandon()  # every op was accounted above; none will complete to the job
             job.close_if_idle()
 
     def _teardown_counts(self) -> TeardownCounts:

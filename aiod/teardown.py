@@ -8,22 +8,24 @@ context as far as it can go *now* and returns; the loop polls it every turn:
     The context takes no new submissions. Its ops complete and are reaped by
     the pool as usual, until none is in flight or the drain deadline passes.
 ``cancelling``
-    io_cancel for every op still in flight, then up to ``cancel_wait`` for
-    the cancelled ops' completions. POLL ops can be cancelled; file and block
-    I/O cannot, and is counted uncancellable.
+    io_cancel for every op still in flight (the engine's ``cancel_all``),
+    then up to ``cancel_wait`` for the cancelled ops' completions. POLL ops
+    can be cancelled; file and block I/O cannot, and is counted uncancellable.
 ``destroying``
-    The pool stops reaping the context, and every op still in flight is
-    accounted cancelled: its completion will never be delivered. io_destroy
-    runs on a thread of its own, because the kernel makes it wait for every
-    uncancellable op.
+    The pool stops reaping the context, and io_destroy runs on a thread of
+    its own, because the kernel makes it wait for every uncancellable op.
+    Once it returns, every op still in flight is accounted cancelled (the
+    engine's ``account_lost``): its completion will never be delivered, and
+    the op is free for its owner again.
 
 A context whose io_destroy has not returned by its deadline is stuck behind
-I/O the kernel will not give up. Its record becomes ``failed``, it is counted
+I/O the kernel will not give up. Its ops in flight are accounted cancelled
+then, but kept out of use (``account_lost(keep_alive=True)``): the kernel may
+still write into their buffers. Its record becomes ``failed``, it is counted
 in the pool's destroy failures, it is logged once, and nothing waits on it
 again: its thread finishes whenever the kernel lets it. If that happens, the
-record becomes ``destroyed`` after all. The ops lost with a context go back to
-their owner (through the pool's reap) only once io_destroy has returned, so a
-buffer the kernel may still write into is never reused.
+record becomes ``destroyed`` after all and the kept ops go back to their
+owners.
 
 Contexts are independent of one another: every context of every pool being
 torn down is destroyed in parallel with the others.
@@ -35,9 +37,9 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiod import aio
 from aiod.lifecycle import ContextState, LifecycleRecord
@@ -57,10 +59,16 @@ class Step(str, enum.Enum):
 
 
 class Member(Protocol):
-    """A context being torn down, with its lifecycle record."""
+    """A context being torn down (an aiod.engine.EngineContext)."""
 
     ctx: aio.Context
     record: LifecycleRecord
+
+    @property
+    def in_flight(self) -> int: ...
+    def cancel_all(self) -> tuple[int, int]: ...
+    def account_lost(self, keep_alive: bool = False) -> int: ...
+    def release_kept(self) -> int: ...
 
 
 class Host(Protocol):
@@ -68,11 +76,9 @@ class Host(Protocol):
 
     name: str
 
-    def cancel_ops(self, ops: Iterable[aio.Op]) -> int: ...
-    def detach(self, member: Member) -> list[aio.Op]: ...
+    def detach(self, member: Any) -> None: ...
     def count_destroy(self, ok: bool) -> None: ...
-    def retired(self, member: Member) -> None: ...
-    def give_back(self, ops: Sequence[aio.Op]) -> None: ...
+    def retired(self, member: Any) -> None: ...
 
 
 @dataclass
@@ -99,6 +105,7 @@ class TeardownCounts:
 class _Entry:
     __slots__ = (
         "cancel_until",
+        "cancelled_before",
         "destroy_until",
         "drain_until",
         "errors",
@@ -118,7 +125,8 @@ class _Entry:
         self.cancel_until = 0.0
         self.destroy_until = 0.0
         self.requested = 0
-        self.lost: list[aio.Op] = []
+        self.cancelled_before = 0
+        self.lost = 0
         self.thread: threading.Thread | None = None
         # Set by the destroy thread before it wakes the loop: the thread itself
         # is still alive for a moment after the wake, and a poll that looked at
@@ -204,62 +212,69 @@ class Teardown:
         return soonest
 
     # ---------------------------------------------------------------- poll
-    def poll(self) -> None:
-        """Move every context as far as it can go now. Never blocks."""
+    def poll(self) -> int:
+        """Move every context as far as it can go now. Never blocks. Returns
+        how many ops left flight here (lost with a context, counted cancelled)
+        or went back to their owners (kept ops, once io_destroy returned)."""
         if not self._entries:
-            return
+            return 0
         now = self._clock()
-        uncancellable = 0
+        uncancellable = moved = 0
         for e in list(self._entries):
-            uncancellable += self._advance(e, now)
+            refused, m = self._advance(e, now)
+            uncancellable += refused
+            moved += m
         if uncancellable:
             log.warning("pool %s: %d in-flight operations cannot be cancelled by the kernel "
                         "(file or block I/O); they keep their contexts until those are "
                         "destroyed", self._host.name, uncancellable,
                         extra={"AIOD_POOL": self._host.name})
+        return moved
 
-    def _advance(self, e: _Entry, now: float) -> int:
-        """One context's steps; returns how many of its ops could not be cancelled."""
+    def _advance(self, e: _Entry, now: float) -> tuple[int, int]:
+        """One context's steps; returns how many of its ops could not be
+        cancelled, and how many were accounted lost or given back."""
         refused = 0
-        ctx = e.member.ctx
+        member = e.member
         if e.step is Step.DRAINING:
-            if ctx.in_flight and now < e.drain_until:
-                return 0
+            if member.in_flight and now < e.drain_until:
+                return 0, 0
             refused = self._cancel(e, now)
         if e.step is Step.CANCELLING:
-            if now < e.cancel_until and any(op.tag is not None and op.tag.cancel_requested
-                                            for op in ctx.inflight_ops()):
-                return refused
+            waiting = e.requested - (member.record.cancelled - e.cancelled_before)
+            if now < e.cancel_until and waiting > 0 and member.in_flight:
+                return refused, 0
             self._destroy(e, now)
         if e.step is Step.DESTROYING:
             if not e.finished.is_set():
                 if now >= e.destroy_until:
-                    self._stuck(e, now)
-                return refused
-            self._destroyed(e)
-        elif e.step is Step.STUCK and e.finished.is_set():  # a look, never a wait
-            self._destroyed_late(e, now)
-        return refused
+                    return refused, self._stuck(e, now)
+                return refused, 0
+            return refused, self._destroyed(e)
+        if e.step is Step.STUCK and e.finished.is_set():  # a look, never a wait
+            return refused, self._destroyed_late(e, now)
+        return refused, 0
 
     def _cancel(self, e: _Entry, now: float) -> int:
-        ops = e.member.ctx.inflight_ops()
+        member = e.member
         e.step = Step.CANCELLING
-        if not ops:
+        if not member.in_flight:
             e.cancel_until = now
             return 0
-        e.member.record.change_state(ContextState.CANCELLING)
-        e.requested = self._host.cancel_ops(ops)
-        refused = len(ops) - e.requested
+        member.record.change_state(ContextState.CANCELLING)
+        e.cancelled_before = member.record.cancelled
+        e.requested, refused = member.cancel_all()
         self.counts.requested += e.requested
         self.counts.uncancellable += refused
         e.cancel_until = now + self.cancel_wait if e.requested else now
         return refused
 
     def _destroy(self, e: _Entry, now: float) -> None:
-        e.lost = self._host.detach(e.member)
-        self.counts.lost += len(e.lost)
-        self.counts.cancelled += e.requested - sum(
-            1 for op in e.lost if op.tag is not None and op.tag.cancel_requested)
+        self._host.detach(e.member)
+        # What is still in flight now never completes to us: io_destroy takes it.
+        e.lost = e.member.in_flight
+        self.counts.lost += e.lost
+        self.counts.cancelled += e.member.record.cancelled - e.cancelled_before
         rec = e.member.record
         e.thread = threading.Thread(target=_destroy_context,
                                     args=(e.member.ctx, e.errors, e.finished, self._wake),
@@ -269,8 +284,10 @@ class Teardown:
         e.destroy_until = now + self.destroy_timeout
         e.thread.start()
 
-    def _destroyed(self, e: _Entry) -> None:
+    def _destroyed(self, e: _Entry) -> int:
         rec = e.member.record
+        # io_destroy failing leaves the kernel's hold on the buffers unknown: kept.
+        lost = e.member.account_lost(keep_alive=bool(e.errors))
         if e.errors:
             why = f"io_destroy failed: {e.errors[0]}"
             rec.change_state(ContextState.FAILED, error=why)
@@ -283,9 +300,11 @@ class Teardown:
             self.counts.destroyed += 1
             self._host.count_destroy(True)
         self._finish(e)
+        return lost
 
-    def _stuck(self, e: _Entry, now: float) -> None:
+    def _stuck(self, e: _Entry, now: float) -> int:
         rec = e.member.record
+        lost = e.member.account_lost(keep_alive=True)
         why = (f"io_destroy did not return within {self.destroy_timeout:g}s "
                f"(I/O stuck in the device?)")
         rec.change_state(ContextState.FAILED, error=why)
@@ -295,11 +314,13 @@ class Teardown:
         e.stuck_since = now
         log.error("pool %s: context %d: %s; it is marked failed and left to the kernel, "
                   "which frees it when the device answers; %d operations in flight on it "
-                  "are counted cancelled", self._host.name, rec.index, why, len(e.lost),
+                  "are counted cancelled", self._host.name, rec.index, why, e.lost,
                   extra={"AIOD_POOL": self._host.name, "AIOD_CONTEXT": rec.index})
+        return lost
 
-    def _destroyed_late(self, e: _Entry, now: float) -> None:
+    def _destroyed_late(self, e: _Entry, now: float) -> int:
         rec = e.member.record
+        back = 0
         if not e.errors:
             rec.change_state(ContextState.DESTROYED,
                              error=f"io_destroy returned {now - e.stuck_since:.1f}s after "
@@ -310,15 +331,14 @@ class Teardown:
                         "deadline; the context is destroyed", self._host.name, rec.index,
                         now - e.stuck_since,
                         extra={"AIOD_POOL": self._host.name, "AIOD_CONTEXT": rec.index})
+            back = e.member.release_kept()  # the kernel is done with their buffers
         self._finish(e)
+        return back
 
     def _finish(self, e: _Entry) -> None:
         e.step = Step.DONE
         self._entries.remove(e)
         self._host.retired(e.member)
-        if e.lost:
-            self._host.give_back(e.lost)  # io_destroy returned: the kernel is done with them
-            e.lost = []
 
 
 def _destroy_context(ctx: aio.Context, errors: list[BaseException],

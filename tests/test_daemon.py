@@ -452,3 +452,32 @@ def test_ended_context_records_stay_bounded_across_reloads(
         t = p["totals"]
         assert t["submitted"] == t["completed"] + t["cancelled"] + t["failed"]
     assert sum(p["setups"] for p in pools) == 2 + 20 + 6 * 2
+
+
+def test_a_slow_probe_sleeps_in_the_kernel_between_completions(
+        daemons: list[Aiod], tmp_path: Path) -> None:
+    # A probe (iodepth 1) at 5 ops/s: between completions the loop waits on the pool's
+    # eventfd (or its next deadline), never polling. A loop that spun would
+    # burn a core's worth of CPU time in the window below; a sleeping one a
+    # few milliseconds per op.
+    cfg = base_config(jobs=[{"name": "probe", "pool": "default", "type": "probe",
+                             "target": "probe.dat", "size": "1MiB", "op": "randread",
+                             "block_size": "4KiB", "direct": True, "rate": "5/s",
+                             "timeout": "5s"}])
+    d = start(daemons, tmp_path, cfg)
+    d.wait_until(lambda: d.metric_sum("aiod_ops_completed_total", job="probe") >= 3,
+                 what="the probe to complete ops")
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds() -> float:
+        fields = (Path("/proc") / str(d.proc.pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    done0, cpu0, t0 = d.metric_sum("aiod_ops_completed_total", job="probe"), cpu_seconds(), \
+        time.monotonic()
+    time.sleep(3.0)
+    cpu, wall = cpu_seconds() - cpu0, time.monotonic() - t0
+    done = d.metric_sum("aiod_ops_completed_total", job="probe") - done0
+    assert done >= 5  # the probe kept going meanwhile
+    assert cpu < 0.2 * wall, f"{cpu:.2f}s of CPU in {wall:.1f}s for {done:.0f} ops"
+    assert d.stop() == 0

@@ -561,7 +561,10 @@ def test_aiod_refuses_to_start_without_the_engine(tmp_path: Path) -> None:
     bare = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
             "if 'editable' not in repr(f).lower()]; from aiod.cli import main; "
             "sys.exit(main(sys.argv[1:]))")
-    for cmd in (["run"], ["bench", "--target", str(tmp_path / "x.dat")]):
+    conf = tmp_path / "aiod.yaml"
+    conf.write_bytes((ROOT / "aiod" / "default.yaml").read_bytes())
+    for cmd in (["run"], ["check-config", str(conf)],
+                ["bench", "--target", str(tmp_path / "x.dat")]):
         r = subprocess.run([sys.executable, "-c", bare, *cmd], capture_output=True,
                            text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
                            timeout=60)

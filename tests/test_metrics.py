@@ -12,6 +12,7 @@ from prometheus_client.exposition import generate_latest
 from aiod import aio
 from aiod.metrics import JobView, make_registry
 from aiod.pool import Pool, PoolSnapshot
+from tests.engine_ops import Ops
 
 
 class FakeSource:
@@ -39,8 +40,11 @@ def exposition(direct_file: tuple[int, Path]) -> bytes:
     pool = Pool("default", 2, 16)
     pool.register("probe", ["read"])
     pool.register("idle", ["write"])
-    ops = [aio.read(fd, 4096, i * 4096) for i in range(4)] + [aio.fsync(99999)]
-    pool.submit(ops, job="probe")
+    ops = Ops(pool, "probe", 5)
+    ops.fsync(99999)
+    for i in range(4):
+        ops.read(fd, i * 4096)
+    ops.submit()
     pool.close(drain_timeout=5)
     src = FakeSource([pool], [JobView("probe", "default", "running", {"missing": 1}, 0, 2,
                                       type="probe", op="randread", timeout=5.0),

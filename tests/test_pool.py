@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from aiod import aio
-from aiod.accounting import Outcome
 from aiod.lifecycle import ContextState, IllegalTransition, LifecycleRecord
-from aiod.pool import Pool, PoolCapacityError, PoolClosed
+from aiod.pool import Pool, PoolCapacityError, PoolClosed, place
 from tests.conftest import live_contexts
+from tests.engine_ops import Ops
 
 
 def fake_procfs(root: Path, nr: int, max_nr: int) -> Path:
@@ -25,10 +25,10 @@ def fake_procfs(root: Path, nr: int, max_nr: int) -> Path:
     return root
 
 
-def reap_until(pool: Pool, n: int, timeout: float = 5.0) -> list[aio.Op]:
-    done: list[aio.Op] = []
+def reap_until(pool: Pool, n: int, timeout: float = 5.0) -> int:
+    done = 0
     deadline = time.monotonic() + timeout
-    while len(done) < n and time.monotonic() < deadline:
+    while done < n and time.monotonic() < deadline:
         done += pool.reap(timeout=0.05)
     return done
 
@@ -79,12 +79,15 @@ def test_drain_with_polls_that_never_complete_hits_deadline_then_cancel_counts_e
     r, _ = pipe
     before = live_contexts()
     p = Pool("poll", 2, 32)
-    ops = [aio.poll(r) for _ in range(50)]
-    assert p.submit(ops, job="hang") == []
+    ops = Ops(p, "hang", 50)
+    ops.poll(r, 50)
+    assert ops.submit() == (50, 0, 0)
     t0 = time.monotonic()
     p.retire(drain_timeout=0.2)
+    late = Ops(p, "late", 1)
+    late.poll(r)
     with pytest.raises(PoolClosed):
-        p.submit([aio.poll(r)], job="late")
+        late.submit()
     rep = p.close()
     assert time.monotonic() - t0 >= 0.2  # the drain waited for its deadline
     assert (rep.requested, rep.cancelled, rep.uncancellable, rep.lost) == (50, 50, 0, 0)
@@ -92,7 +95,8 @@ def test_drain_with_polls_that_never_complete_hits_deadline_then_cancel_counts_e
     snap = p.snapshot()
     assert snap.totals() == {"submitted": 50, "completed": 0, "cancelled": 50,
                              "failed": 0, "in_flight": 0}
-    assert all(op.tag.outcome is Outcome.CANCELLED for op in ops)
+    c = ops.counts()
+    assert (c["submitted"], c["cancelled"], c["in_flight"]) == (50, 50, 0)  # every op, cancelled
     assert snap.contexts_by_state()["destroyed"] == 2
     assert live_contexts() == before
 
@@ -101,8 +105,10 @@ def test_drain_with_odirect_reads_that_finish_counts_them_completed(
         direct_file: tuple[int, Path]) -> None:
     fd, _ = direct_file
     p = Pool("reads", 2, 64)
-    ops = [aio.read(fd, 4096, (i % 256) * 4096) for i in range(100)]
-    assert p.submit(ops, job="r") == []
+    ops = Ops(p, "r", 100)
+    for i in range(100):
+        ops.read(fd, (i % 256) * 4096)
+    assert ops.submit() == (100, 0, 0)
     rep = p.close(drain_timeout=5.0)
     assert rep.requested == 0 and rep.uncancellable == 0 and rep.lost == 0
     snap = p.snapshot()
@@ -118,10 +124,11 @@ def test_ops_in_flight_at_destroy_are_counted_cancelled_and_handed_back_after_it
     r, _ = pipe
     # No wait for the cancelled polls' completions: io_destroy takes them with it.
     p = Pool("lost", 1, 16, cancel_wait=0.0)
-    ops = [aio.poll(r) for _ in range(5)]
-    p.submit(ops, job="j")
+    ops = Ops(p, "j", 5)
+    ops.poll(r, 5)
+    ops.submit()
     p.retire(drain_timeout=0.0)
-    back: list[aio.Op] = []
+    back = 0
     deadline = time.monotonic() + 5
     while not p.torn_down and time.monotonic() < deadline:
         back += p.reap(timeout=0.05)
@@ -132,22 +139,25 @@ def test_ops_in_flight_at_destroy_are_counted_cancelled_and_handed_back_after_it
     snap = p.snapshot()
     assert snap.cancelled == 5 and snap.in_flight == 0 and snap.balanced
     # Handed back once io_destroy returned: the kernel is done with their buffers.
-    assert sorted(map(id, back)) == sorted(map(id, ops))
-    assert all(op.tag.outcome is Outcome.CANCELLED for op in back)
+    assert back == 5 and ops.free == 5 and ops.in_flight == 0
+    assert ops.counts()["cancelled"] == 5
 
 
 def test_failures_are_classified_with_their_errno(direct_file: tuple[int, Path]) -> None:
     fd, _ = direct_file
     p = Pool("errs", 1, 16)
     base = aio.aligned_buffer(8192)
-    bad_buf = aio.read(fd, base.slice(1, 4096), 0)
-    bad_fd = aio.read(9999, 4096, 0)
-    good = aio.read(fd, 4096, 0)
-    assert p.submit([good, bad_fd, bad_buf], job="e") == []
-    assert bad_fd.tag.outcome is Outcome.FAILED and bad_fd.tag.errno == errno.EBADF
+    ops = Ops(p, "e", 3)
+    bad_buf = ops.read(fd, 0, buffer=base.slice(1, 4096))
+    bad_fd = ops.read(9999, 0)
+    good = ops.read(fd, 0)
+    assert ops.submit() == (2, 1, 0)
+    notes, _ = ops.set.take_notes()
+    assert notes == [(bad_fd, "rejected", errno.EBADF)]  # refused by io_submit itself
     reap_until(p, 2)
-    assert good.tag.outcome is Outcome.COMPLETED
-    assert bad_buf.tag.outcome is Outcome.FAILED and bad_buf.tag.errno == errno.EINVAL
+    notes, _ = ops.set.take_notes()
+    assert notes == [(bad_buf, "failed", errno.EINVAL)]  # good completed: no note
+    assert good not in [i for i, _, _ in notes] and ops.counts()["completed"] == 1
     p.close()
     snap = p.snapshot()
     (st,) = snap.stats
@@ -159,12 +169,13 @@ def test_failures_are_classified_with_their_errno(direct_file: tuple[int, Path])
 def test_full_pool_hands_ops_back_instead_of_eagain(pipe: tuple[int, int]) -> None:
     r, w = pipe
     p = Pool("full", 2, 4)
-    ops = [aio.poll(r) for _ in range(11)]
-    refused = p.submit(ops, job="j")
-    assert len(refused) == 3 and refused == ops[8:]
+    ops = Ops(p, "j", 11)
+    ops.poll(r, 11)
+    assert ops.submit() == (8, 0, 3)  # 3 did not fit: they stay free in the OpSet
+    assert ops.free == 3 and ops.in_flight == 8
     assert [c.in_flight for c in p.contexts()] == [4, 4]
     os.write(w, b"x")
-    assert len(reap_until(p, 8)) == 8
+    assert reap_until(p, 8) == 8
     p.close()
     assert p.snapshot().totals()["submitted"] == 8
 
@@ -172,28 +183,39 @@ def test_full_pool_hands_ops_back_instead_of_eagain(pipe: tuple[int, int]) -> No
 def test_submission_goes_to_the_context_with_least_in_flight(pipe: tuple[int, int]) -> None:
     r, _ = pipe
     p = Pool("spread", 3, 16)
-    p.submit([aio.poll(r) for _ in range(5)], job="a")
+    ops = Ops(p, "a", 9)
+    ops.poll(r, 9)
+    ops.submit(5)
     assert sorted(c.in_flight for c in p.contexts()) == [1, 2, 2]
-    p.submit([aio.poll(r) for _ in range(4)], job="a")
+    ops.submit(4)
     assert [c.in_flight for c in p.contexts()] == [3, 3, 3]
     p.close()
+
+
+def test_placement_fills_the_least_loaded_first_and_never_past_room() -> None:
+    # One op at a time to the least loaded (ties: lowest index), without a step per op.
+    assert place([0, 0, 0], [16, 16, 16], 5) == [2, 2, 1]
+    assert place([2, 2, 1], [14, 14, 15], 4) == [1, 1, 2]
+    assert place([0, 3], [4, 1], 10) == [4, 1]
+    assert place([4, 4], [0, 0], 3) == [0, 0]
+    assert place([5, 0, 2], [3, 8, 6], 6) == [0, 4, 2]
 
 
 def test_resize_up_and_down_loses_no_operation(pipe: tuple[int, int]) -> None:
     r, w = pipe
     before = live_contexts()
     p = Pool("rs", 2, 8)
-    first = [aio.poll(r) for _ in range(16)]
-    assert p.submit(first, job="j") == []
+    ops = Ops(p, "j", 32)
+    ops.poll(r, 32)
+    assert ops.submit(16) == (16, 0, 0)
     p.resize(4)
     assert p.size == 4 and live_contexts() == before + 4
-    second = [aio.poll(r) for _ in range(16)]
-    assert p.submit(second, job="j") == []
+    assert ops.submit(16) == (16, 0, 0)
     p.resize(1)
     assert p.size == 1 and p.retiring == 3
     os.write(w, b"x")  # every poll completes; retiring contexts empty out
     done = reap_until(p, 32)
-    assert len(done) == 32 and all(op.tag.outcome is Outcome.COMPLETED for op in done)
+    assert done == 32 and ops.counts()["completed"] == 32
     wait_retired(p)  # their io_destroy runs on threads
     assert p.retiring == 0
     snap = p.snapshot()
@@ -207,7 +229,9 @@ def test_resize_up_and_down_loses_no_operation(pipe: tuple[int, int]) -> None:
 def test_shrinking_past_the_retire_timeout_cancels_and_counts(pipe: tuple[int, int]) -> None:
     r, _ = pipe
     p = Pool("rs2", 2, 8)
-    p.submit([aio.poll(r) for _ in range(4)], job="j")
+    ops = Ops(p, "j", 4)
+    ops.poll(r, 4)
+    ops.submit()
     p.resize(1, retire_timeout=0.0)
     wait_retired(p)
     assert p.retiring == 0
@@ -242,19 +266,19 @@ def test_snapshots_from_other_threads_never_break_the_invariant(
     threads = [threading.Thread(target=scraper) for _ in range(2)]
     for t in threads:
         t.start()
-    ops = [aio.read(fd, 4096, (i % 256) * 4096) for i in range(128)]
-    polls = [aio.poll(r) for _ in range(32)]
-    p.submit(polls, job="poll")
+    load = Ops(p, "load", 128)
+    for i in range(128):
+        load.read(fd, (i % 256) * 4096)
+    polls = Ops(p, "poll", 32)
+    polls.poll(r, 32)
+    polls.submit()
     # Until enough has happened on both sides (not for a fixed time: a loaded
     # machine does less per second), with a deadline only against a hang.
     end = time.monotonic() + 120
-    pending = list(ops)
     total = 0
     while (total <= 1000 or seen[0] <= 10) and time.monotonic() < end:
-        pending = p.submit(pending, job="load")
-        done = p.reap(timeout=0.01)
-        total += len(done)
-        pending += [op for op in done if op.tag.job == "load"]
+        load.submit()  # every read that came back goes out again
+        total += p.reap(timeout=0.01)
     stop.set()
     for t in threads:
         t.join()
@@ -293,8 +317,11 @@ def test_a_mixed_batch_counts_each_op_under_its_own_series(direct_file: tuple[in
     p = Pool("mixed", 1, 16)
     # First and last are reads, the middle one a write: every op counts once
     # under its own (job, op) series.
-    ops = [aio.read(fd, 4096, 0), aio.write(fd, b"w" * 4096, 4096), aio.read(fd, 4096, 8192)]
-    assert p.submit(ops, job="rw") == []
+    ops = Ops(p, "rw", 3)
+    ops.read(fd, 0)
+    ops.write(fd, b"w" * 4096, 4096)
+    ops.read(fd, 8192)
+    assert ops.submit() == (3, 0, 0)
     reap_until(p, 3)
     p.close()
     stats = {st.op: st for st in p.snapshot().stats}
@@ -308,19 +335,23 @@ def test_oldest_in_flight_follows_the_oldest_op_still_in_flight() -> None:
     p = Pool("oldest", 1, 8)
     try:
         assert p.snapshot().oldest_in_flight_seconds == 0.0
-        first = aio.poll(pipes[0][0])
-        p.submit([first], job="j")
+        ops = Ops(p, "j", 3)
+        first, second, third = (ops.poll(r)[0] for r, _ in pipes)
+        assert ops.submit(1) == (1, 0, 0)  # the last added goes first: the third pipe's
+        oldest = third  # op i polls pipes[i]
         time.sleep(0.3)
         t_younger = time.monotonic()
-        p.submit([aio.poll(pipes[1][0]), aio.poll(pipes[2][0])], job="j")
+        assert ops.submit(2) == (2, 0, 0)
         assert p.snapshot().oldest_in_flight_seconds >= 0.3
-        os.write(pipes[0][1], b"x")  # the oldest completes; the younger ones are left
-        assert [op is first for op in reap_until(p, 1)] == [True]
+        os.write(pipes[oldest][1], b"x")  # the oldest completes; the younger ones are left
+        assert reap_until(p, 1) == 1
+        assert [i for i in (first, second, third) if not ops.set.op_info(i)["in_flight"]] == [oldest]
         age = p.snapshot().oldest_in_flight_seconds
         assert 0 < age <= time.monotonic() - t_younger
         # Resubmitted, the op is the youngest now, not the oldest.
-        os.read(pipes[0][0], 1)
-        p.submit([first], job="j")
+        os.read(pipes[oldest][0], 1)
+        assert ops.submit(1) == (1, 0, 0)
+        assert ops.set.op_info(oldest)["in_flight"]
         assert p.snapshot().oldest_in_flight_seconds <= time.monotonic() - t_younger
     finally:
         p.close()
@@ -335,9 +366,10 @@ def test_records_of_ended_contexts_stay_bounded_over_many_shrinks_and_fold_into_
     os.write(w, b"x")  # polls complete at once: every cycle does real I/O
     p = Pool("cycles", 2, 8)
     submitted = 0
+    ops = Ops(p, "j", 4)
+    ops.poll(r, 4)
     for _ in range(40):
-        ops = [aio.poll(r) for _ in range(4)]
-        assert p.submit(ops, job="j") == []
+        assert ops.submit() == (4, 0, 0)
         submitted += 4
         reap_until(p, 4)
         p.resize(1)

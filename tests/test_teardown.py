@@ -9,17 +9,17 @@ import time
 
 import pytest
 
-from aiod import aio
-from aiod.accounting import Outcome
 from aiod.pool import Pool
 from aiod.teardown import Step
 from tests.conftest import live_contexts
+from tests.engine_ops import Ops
 from tests.faultfs import FaultFS, faultfs  # noqa: F401
 
 
-def poll_until(pools: list[Pool], done: object, timeout: float = 5.0) -> list[aio.Op]:
-    """Turn like the daemon's loop: reap every pool until done() holds."""
-    back: list[aio.Op] = []
+def poll_until(pools: list[Pool], done: object, timeout: float = 5.0) -> int:
+    """Turn like the daemon's loop: reap every pool until done() holds.
+    Returns how many ops the reaps accounted (completed, cancelled or lost)."""
+    back = 0
     deadline = time.monotonic() + timeout
     while not done() and time.monotonic() < deadline:  # type: ignore[operator]
         for p in pools:
@@ -41,15 +41,16 @@ def test_contexts_with_nothing_in_flight_do_not_wait_for_the_drain_deadline() ->
 def test_a_drain_ends_as_soon_as_the_ops_in_flight_complete(pipe: tuple[int, int]) -> None:
     r, w = pipe
     p = Pool("drain", 2, 8)
-    ops = [aio.poll(r) for _ in range(6)]
-    p.submit(ops, job="j")
+    ops = Ops(p, "j", 6)
+    ops.poll(r, 6)
+    ops.submit()
     p.retire(drain_timeout=60.0)
     p.reap(0)
     assert p.teardown_step(Step.DRAINING) == 2  # they wait for their polls
     os.write(w, b"x")
     done = poll_until([p], lambda: p.torn_down)
-    assert sorted(map(id, done)) == sorted(map(id, ops))
-    assert all(op.tag.outcome is Outcome.COMPLETED for op in ops)
+    assert done == 6 and ops.free == 6
+    assert ops.counts()["completed"] == 6
     c = p.teardown_counts
     assert (c.requested, c.lost, c.destroyed) == (0, 0, 2)
 
@@ -57,7 +58,9 @@ def test_a_drain_ends_as_soon_as_the_ops_in_flight_complete(pipe: tuple[int, int
 def test_hurry_ends_the_drain_now_and_cancels_what_is_left(pipe: tuple[int, int]) -> None:
     r, _ = pipe
     p = Pool("hurry", 2, 8)
-    p.submit([aio.poll(r) for _ in range(5)], job="j")
+    ops = Ops(p, "j", 5)
+    ops.poll(r, 5)
+    ops.submit()
     p.retire(drain_timeout=60.0)
     p.reap(0)
     assert not p.torn_down
@@ -72,7 +75,9 @@ def test_hurry_ends_the_drain_now_and_cancels_what_is_left(pipe: tuple[int, int]
 def test_retire_takes_over_a_shrink_and_brings_its_deadline_in(pipe: tuple[int, int]) -> None:
     r, _ = pipe
     p = Pool("takeover", 2, 8)
-    p.submit([aio.poll(r) for _ in range(8)], job="j")
+    ops = Ops(p, "j", 8)
+    ops.poll(r, 8)
+    ops.submit()
     p.resize(1, retire_timeout=60.0)
     assert p.retiring == 1 and p.size == 1
     p.retire(drain_timeout=0.0)
@@ -87,8 +92,9 @@ def test_a_context_stuck_in_io_destroy_is_failed_once_and_never_waited_on(
     before = live_contexts()
     p = Pool("stuck", 1, 8, destroy_timeout=0.5)
     try:
-        op = aio.read(fd, 4096, 0)
-        assert p.submit([op], job="j") == []
+        ops = Ops(p, "j", 1)
+        ops.read(fd, 0)
+        assert ops.submit() == (1, 0, 0)
         faultfs.wait_pending(1, "hang.dat")
         with caplog.at_level(logging.INFO, logger="aiod.teardown"):
             p.retire(drain_timeout=0.0)
@@ -96,7 +102,8 @@ def test_a_context_stuck_in_io_destroy_is_failed_once_and_never_waited_on(
             end = time.monotonic() + 2.0  # well past the destroy deadline
             while time.monotonic() < end:
                 t0 = time.monotonic()
-                assert p.reap(0) == []  # the op is not handed back: the kernel holds it
+                p.reap(0)
+                assert ops.free == 0  # the op is not handed back: the kernel holds it
                 slowest = max(slowest, time.monotonic() - t0)
                 time.sleep(0.01)
         assert slowest < 0.1, f"a reap waited {slowest:.3f}s on the stuck context"
@@ -109,7 +116,7 @@ def test_a_context_stuck_in_io_destroy_is_failed_once_and_never_waited_on(
     finally:
         faultfs.abort()
     back = poll_until([p], lambda: not p.stuck)
-    assert back == [op] and live_contexts() == before
+    assert back == 1 and ops.free == 1 and live_contexts() == before
     snap = p.snapshot()
     assert snap.records[0].state.value == "destroyed" and snap.destroys == 1
     assert "io_destroy returned at last" in caplog.text
@@ -123,8 +130,10 @@ def test_contexts_of_different_pools_are_destroyed_in_parallel(faultfs: FaultFS)
     fd = os.open(faultfs.path("hang.dat"), os.O_RDONLY | os.O_DIRECT)
     pools = [Pool(f"par{i}", 1, 8, destroy_timeout=30.0) for i in range(3)]
     try:
-        for p in pools:
-            p.submit([aio.read(fd, 4096, 0)], job="j")
+        held = [Ops(p, "j", 1) for p in pools]
+        for ops in held:
+            ops.read(fd, 0)
+            ops.submit()
         faultfs.wait_pending(3, "hang.dat")
         for p in pools:
             p.retire(drain_timeout=0.0)
