@@ -15,16 +15,16 @@ from collections.abc import Callable
 
 from aiod.config import JobConfig
 from aiod.job import (
-    CHECK_INTERVAL,
     FAILURE_BACKOFF_MAX,
     FAILURE_BACKOFF_MIN,
     FILL_POLL_INTERVAL,
     RETRY_INTERVAL,
     TIMEOUT_CHECK_INTERVAL,
     Job,
-    JobResourceError,
     JobState,
 )
+from aiod.jobops import JobResourceError
+from aiod.jobtarget import CHECK_INTERVAL
 from aiod.pool import Pool
 from aiod.targets import OwnedFiles
 
@@ -60,7 +60,7 @@ class ProbeJob(Job):
         return True
 
     def _due_wakeup(self) -> float | None:
-        return min(self._next_due, self._next_check)
+        return min(self._next_due, self._watch.next_at)
 
 
 class LoadJob(Job):

@@ -32,6 +32,10 @@ class PoolCapacityError(PoolError):
         self.needed_max_nr = needed_max_nr
 
 
+class PoolClosed(PoolError):
+    """Submit or resize after drain started."""
+
+
 class ContextSetup:
     """Makes one pool's contexts, and counts setups and their failures (by errno).
 

@@ -72,7 +72,7 @@ class Member(Protocol):
 
 
 class Host(Protocol):
-    """What a teardown needs of the pool its contexts belong to."""
+    """What a teardown needs of the pool its contexts belong to (aiod.poolmembers.Members)."""
 
     name: str
 
