@@ -453,6 +453,33 @@ def test_misuse_is_refused_with_a_clear_error(pipe: tuple[int, int]) -> None:
         ec.ring.reap()
 
 
+def test_ops_kept_past_a_stuck_destroy_come_back_only_when_released(
+        pipe: tuple[int, int]) -> None:
+    ledger = Ledger()
+    row = ledger.row("k", "poll")
+    opset = eng.OpSet(ledger.acct, 3)
+    for _ in range(3):
+        opset.add(aio.IOCB_CMD_POLL, pipe[0], select.POLLIN, 0, row)
+    ec = EngineContext("k", 0, 4)
+    assert ec.submit(opset, 1, indices=[2]) == (1, 0, 0, 0)
+    ec.submit(opset, 1, indices=[0])
+    assert ec.ring.inflight_ops() == [(opset, 2), (opset, 0)]  # oldest first
+    refs = sys.getrefcount(opset)
+    # io_destroy did not return: counted cancelled now, but never reused.
+    assert ec.account_lost(keep_alive=True) == 2
+    assert ec.ring.inflight_ops() == [] and opset.in_flight == 0 and opset.free == 1
+    assert sorted(i for _, i in ec.kept) == [0, 2]
+    d = ledger.raw()[("k", "poll")]
+    assert (d["submitted"], d["cancelled"], d["in_flight"]) == (2, 2, 0)
+    assert ec.record.snapshot().cancelled == 2
+    with pytest.raises(ValueError, match="free already"):
+        opset.release(1)
+    assert ec.release_kept() == 2  # io_destroy returned after all
+    assert opset.free == 3 and ec.kept == []
+    assert sys.getrefcount(opset) == refs - 2  # the references the two kept ops held
+    ec.ctx.destroy()
+
+
 def test_user_space_reaping_checks_the_ring_and_reaps_the_same(direct_file: tuple[int, Path]) -> None:
     fd, _ = direct_file
     ledger = Ledger()
