@@ -33,19 +33,11 @@ from typing import Any
 from aiod import aio
 from aiod.config import JobConfig
 from aiod.jobops import JobOps, OpLog, allocate_buffers
-from aiod.jobtarget import FillWatch, IdentityWatch
+from aiod.jobtarget import FillWatch, IdentityWatch, open_job_target
 from aiod.logs import LogLimiter
 from aiod.opkind import JobOp, OpKind
 from aiod.pool import Pool, PoolClosed
-from aiod.targets import (
-    OpenTarget,
-    OwnedFiles,
-    TargetError,
-    open_fifo,
-    open_target,
-    remove_stale_partial,
-    target_missing,
-)
+from aiod.targets import OpenTarget, OwnedFiles, TargetError
 
 log = logging.getLogger("aiod.jobs")
 
@@ -132,23 +124,16 @@ class Job:
         self.allocate()
         self.pool.register(self.name, [k.value for k in self._kinds])  # its series exist from the first start
         try:
-            if self.mode is JobOp.POLL:
-                self.target = open_fifo(self.cfg.target)
-            else:
-                if target_missing(self.cfg.target):
-                    self._begin_fill(now)
-                    return False
-                if not self._filled:
-                    remove_stale_partial(self.cfg.target)
-                self.target = open_target(
-                    self.cfg.target, size=self.cfg.size, block_size=self.cfg.block_size,
-                    direct=self.cfg.direct, needs_write=self.needs_write,
-                    allow_write=self.cfg.allow_write, owned=self._owned, filled=self._filled)
+            target = open_job_target(self.cfg, self.mode, self._owned, filled=self._filled)
         except TargetError as e:
             self._fail(e, now)
             return False
         finally:
             self._filled = False
+        if target is None:
+            self._begin_fill(now)
+            return False
+        self.target = target
         self._build_ops()
         self.state = JobState.RUNNING
         self._started(now)

@@ -15,8 +15,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from aiod.config import JobConfig
 from aiod.fill import Fill
-from aiod.targets import OpenTarget, OwnedFiles, TargetCheck
+from aiod.opkind import JobOp
+from aiod.targets import (
+    OpenTarget,
+    OwnedFiles,
+    TargetCheck,
+    open_fifo,
+    open_target,
+    remove_stale_partial,
+    target_missing,
+)
 
 log = logging.getLogger("aiod.jobs")
 
@@ -29,6 +39,21 @@ def size_text(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
+
+
+def open_job_target(cfg: JobConfig, mode: JobOp, owned: OwnedFiles | None, *,
+                    filled: bool) -> OpenTarget | None:
+    """A job's target, opened; None when it is missing and must be filled first.
+    filled: our own fill just put it there. Raises TargetError."""
+    if mode is JobOp.POLL:
+        return open_fifo(cfg.target)
+    if target_missing(cfg.target):
+        return None
+    if not filled:
+        remove_stale_partial(cfg.target)
+    return open_target(cfg.target, size=cfg.size, block_size=cfg.block_size,
+                       direct=cfg.direct, needs_write=mode.writes,
+                       allow_write=cfg.allow_write, owned=owned, filled=filled)
 
 
 class FillWatch:
