@@ -557,7 +557,6 @@ static PyObject *OpSet_release(OpSet *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static inline uint32_t ready(OpSet *s);
 static inline uint32_t ready(OpSet *s) {   /* ops that may be submitted now */
     uint32_t avail = s->nfree[0] + s->nfree[1];
     if (s->depth) {
