@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from aiod import engine
 from aiod.engine import EngineContext, Ledger
 from aiod.poolcontexts import PoolContexts
 from aiod.poolsetup import PoolCapacityError, PoolClosed, PoolError
@@ -137,13 +138,16 @@ class Pool(PoolContexts):
         else:
             loads = [s.in_flight for s in slots]
             shares = place(loads, [max(0, self.nr_events - f) for f in loads], n)
+        batch = engine.DIRECT_BATCH if opset.direct else 0
         ok = rejected = 0
+        unsubmitted = n - sum(shares)  # no room for them
         for s, k in zip(slots, shares):
             if k:
-                r = s.submit(opset, k)
+                r = s.submit(opset, k, batch=batch)
                 ok += r[0]
                 rejected += r[1]
-        return Submitted(ok, rejected, n - ok - rejected)
+                unsubmitted += r[2]
+        return Submitted(ok, rejected, unsubmitted)
 
     def cancel(self, opset: Any, limit: int) -> int:
         """io_cancel up to limit of opset's ops in flight (tests and rare

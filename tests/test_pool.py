@@ -386,3 +386,60 @@ def test_records_of_ended_contexts_stay_bounded_over_many_shrinks_and_fold_into_
     # A pool's last contexts all stay in its final report.
     assert len(final.records) == 2 + 16
     assert final.contexts_by_state()["destroyed"] == 42 and final.balanced
+
+
+def test_an_o_direct_set_goes_to_the_kernel_a_few_ops_per_io_submit(
+        direct_file: tuple[int, Path], tmp_path: Path) -> None:
+    """The kernel holds an io_submit's I/O back from the device until the
+    call returns: a load job's O_DIRECT ops go in calls of engine.DIRECT_BATCH,
+    as aiod bench's do; buffered ones still go in one call."""
+    from aiod import engine
+    fd, _ = direct_file
+    p = Pool("batched", 1, 64)
+    direct = Ops(p, "d", 32)
+    for i in range(32):
+        direct.read(fd, i * 4096)
+    (ctx,) = p.contexts()
+    calls = ctx.ring.submit_calls
+    assert direct.set.direct and direct.submit() == (32, 0, 0)
+    assert ctx.ring.submit_calls - calls == -(-32 // engine.DIRECT_BATCH)
+    assert reap_until(p, 32) == 32
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x" * 65536)
+    bfd = os.open(plain, os.O_RDONLY)
+    try:
+        buffered = Ops(p, "b", 16)
+        for i in range(16):
+            buffered.read(bfd, i * 4096)
+        calls = ctx.ring.submit_calls
+        assert not buffered.set.direct and buffered.submit() == (16, 0, 0)
+        assert ctx.ring.submit_calls - calls == 1
+        assert reap_until(p, 16) == 16
+    finally:
+        os.close(bfd)
+    p.close()
+    assert p.snapshot().totals() == {"submitted": 48, "completed": 48, "cancelled": 0,
+                                     "failed": 0, "in_flight": 0}
+
+
+def test_an_op_io_submit_refuses_is_tried_once_per_submit(tmp_path: Path) -> None:
+    """A refused op is free again at once; in calls of a few ops it must not be
+    picked, and counted failed, again within the same submit."""
+    from aiod import engine
+    path = tmp_path / "gone.bin"
+    path.write_bytes(b"x" * 65536)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    p = Pool("refused", 1, 64)
+    ops = Ops(p, "r", 8)
+    for i in range(8):
+        ops.read(fd, i * 4096)
+    os.close(fd)  # every op is refused by io_submit itself (EBADF)
+    assert ops.set.direct
+    r = ops.submit()
+    assert r == (0, engine.DIRECT_BATCH, 0)
+    assert ops.counts()["failed"] == {errno.EBADF: engine.DIRECT_BATCH}
+    assert ops.free == 8 and ops.in_flight == 0
+    p.close()
+    snap = p.snapshot()
+    assert snap.failed == engine.DIRECT_BATCH and snap.balanced
