@@ -30,10 +30,10 @@ class Op:
 
     The op owns its memory for as long as it lives; the Context keeps every
     in-flight op referenced, so nothing is freed under the kernel. ``res`` and
-    ``res2`` hold the completion; ``tag`` is free for the layer above.
+    ``res2`` hold the completion.
     """
 
-    __slots__ = ("__weakref__", "_iov", "buffers", "iocb", "res", "res2", "tag")
+    __slots__ = ("__weakref__", "_iov", "buffers", "iocb", "res", "res2")
 
     def __init__(self, opcode: int, fd: int, *, buf: int = 0, nbytes: int = 0,
                  offset: int = 0, buffers: tuple[Buffer, ...] = (), rw_flags: int = 0,
@@ -50,7 +50,6 @@ class Op:
         self._iov = iov
         self.res: int | None = None
         self.res2: int | None = None
-        self.tag: Any = None  # the pool's OpTag; Any keeps this layer free of pool types
 
     @property
     def opcode(self) -> int:
