@@ -5,6 +5,8 @@
  * EAGAIN), reaps (io_getevents, or the mmapped completion ring when asked and
  * its magic checks out), classifies every completion and adds it to the
  * per-(job, op) counters and latency histograms, which live in C arrays.
+ * Ring.cycle can run several such rounds of reap and resubmit in one call, so
+ * that at low depth the Python around a call is paid once per many ops.
  *
  * Consistency: every counter is changed only by the thread that called into
  * the engine, while it holds the GIL, in stretches that make no Python
@@ -13,7 +15,8 @@
  * GIL held before it builds any Python object. So every snapshot, from any
  * thread, sees each row with submitted == completed + cancelled + failed +
  * in_flight. The GIL is released only around syscalls, when no counter is
- * half changed.
+ * half changed; a call of several rounds holds to this in each round, and a
+ * snapshot taken between two rounds sees the first one whole.
  *
  * Objects: Accounting (rows of counters), OpSet (a job's preallocated ops
  * and its offset pattern), Ring (one kernel context: submit, reap, cancel).
@@ -646,6 +649,7 @@ typedef struct Ring {
     uint32_t npending, pendcap;
     uint64_t user_reaped, sys_reaped;
     uint64_t submit_calls;      /* io_submit syscalls made */
+    uint64_t cycle_rounds;      /* rounds of reap and resubmit cycle() has run */
 } Ring;
 
 static PyObject *RingType;
@@ -1104,19 +1108,63 @@ static void release_held(OpSet *s) {
     s->nheld = 0;
 }
 
-/* cycle(opset, min_nr=1, timeout=None, batch=None, detail=False): one call per
- * batch for a load: reap (waiting for min_nr), then submit every ready op of
- * opset, batch per io_submit (0: all in one; None: DIRECT_BATCH when the set
- * is O_DIRECT, else all in one).
- * -> (completed, cancelled, failed, reap_errno, submitted, rejected, unsubmitted, submit_errno
- *     [, reaped: [(opset, index, kind, res, lat_ns)] when detail]) */
+/* One round of cycle(): reap (waiting for min_nr, up to timeout), then submit
+ * the ready ops of s, batch per io_submit. Each ready op is tried at most once
+ * per round: one the kernel refuses is held aside until the round ends, and
+ * waits for the next one. */
+static int cycle_round(Ring *self, OpSet *s, uint32_t min_nr, double timeout, uint32_t batch,
+                       ReapOut *ro, SubmitOut *so, PyObject *dl) {
+    SubmitOut part;
+    int rc = 0;
+    memset(ro, 0, sizeof *ro);
+    memset(so, 0, sizeof *so);
+    if (self->in_flight || self->npending) rc = do_reap(self, min_nr, 0, timeout, ro, dl);
+    uint32_t budget = ready(s);
+    while (rc == 0 && budget) {
+        uint32_t avail = ready(s);
+        if (avail > budget) avail = budget;
+        if (!avail) break;
+        uint32_t n = batch && batch < avail ? batch : avail;
+        rc = do_submit(self, s, n, 1, &part);
+        if (rc < 0) break;
+        budget -= n;
+        so->ok += part.ok;
+        so->rejected += part.rejected;
+        if (part.last_errno) so->last_errno = part.last_errno;
+        if (part.unsubmitted) { so->unsubmitted += part.unsubmitted; break; }
+    }
+    release_held(s);
+    return rc;
+}
+
+/* cycle(opset, min_nr=1, timeout=None, batch=None, detail=False, rounds=1, until_ns=None):
+ * one call per batch for a load: reap (waiting for min_nr), then submit every
+ * ready op of opset, batch per io_submit (0: all in one; None: DIRECT_BATCH
+ * when the set is O_DIRECT, else all in one).
+ *
+ * rounds > 1 (0: no limit, until_ns then required) repeats that reap and
+ * resubmit inside the call: at iodepth 1 one Python call per op costs more
+ * CPU than the op itself, and nothing else amortises it. Another round starts
+ * only when the last one was uneventful: it reaped something and all of it
+ * completed, and it left no note (no failure, cancel, short transfer, refusal
+ * or EAGAIN: what the caller acts on comes back as promptly as with one
+ * round), ops are still in flight to wait for, and CLOCK_MONOTONIC
+ * (time.monotonic_ns) is before until_ns. A later round waits at most until
+ * until_ns. A round that reaps nothing (its wait timed out, or a signal
+ * interrupted it) ends the call, so ops that do not complete cost one timeout
+ * per call, never a spin; a deadline already past runs one round.
+ * Every counter moves round by round exactly as with one round per call.
+ * -> the sums over the rounds: (completed, cancelled, failed, reap_errno,
+ *     submitted, rejected, unsubmitted, submit_errno
+ *     [, reaped: [(opset, index, kind, res, lat_ns)] when detail]); an errno
+ *     is the last non-zero one. */
 static PyObject *Ring_cycle(Ring *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"opset", "min_nr", "timeout", "batch", "detail", NULL};
-    PyObject *set, *tobj = Py_None, *bobj = Py_None;
-    unsigned int min_nr = 1;
+    static char *kwlist[] = {"opset", "min_nr", "timeout", "batch", "detail", "rounds", "until_ns", NULL};
+    PyObject *set, *tobj = Py_None, *bobj = Py_None, *uobj = Py_None;
+    unsigned int min_nr = 1, rounds = 1;
     int detail = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|IOOp", kwlist, (PyTypeObject *)OpSetType, &set, &min_nr,
-                                     &tobj, &bobj, &detail))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|IOOpIO", kwlist, (PyTypeObject *)OpSetType, &set, &min_nr,
+                                     &tobj, &bobj, &detail, &rounds, &uobj))
         return NULL;
     double timeout = -1;
     if (tobj != Py_None) {
@@ -1132,41 +1180,59 @@ static PyObject *Ring_cycle(Ring *self, PyObject *args, PyObject *kw) {
         if (v < 0) { PyErr_SetString(PyExc_ValueError, "batch must be >= 0 (0: all at once) or None"); return NULL; }
         batch = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
     }
+    int has_until = uobj != Py_None;
+    int64_t until = 0;
+    if (has_until) {
+        long long v = PyLong_AsLongLong(uobj);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        until = (int64_t)v;
+    }
+    if (rounds == 0 && !has_until) {
+        PyErr_SetString(PyExc_ValueError, "rounds=0 (no limit) needs until_ns");
+        return NULL;
+    }
     PyObject *dl = NULL;
     if (detail && !(dl = PyList_New(0))) return NULL;
     if (enter(self) < 0) { Py_XDECREF(dl); return NULL; }
-    ReapOut ro = {0};
-    SubmitOut so = {0}, part;
-    int rc = 0;
-    if (self->in_flight || self->npending) rc = do_reap(self, min_nr, 0, timeout, &ro, dl);
-    /* Each ready op is tried at most once per cycle: one the kernel refuses
-     * is held aside until the end, and waits for the next cycle. */
-    uint32_t budget = ready(s);
-    while (rc == 0 && budget) {
-        uint32_t avail = ready(s);
-        if (avail > budget) avail = budget;
-        if (!avail) break;
-        uint32_t n = batch && batch < avail ? batch : avail;
-        rc = do_submit(self, s, n, 1, &part);
-        if (rc < 0) break;
-        budget -= n;
-        so.ok += part.ok;
-        so.rejected += part.rejected;
-        if (part.last_errno) so.last_errno = part.last_errno;
-        if (part.unsubmitted) { so.unsubmitted += part.unsubmitted; break; }
+    ReapOut ro, rsum = {0};
+    SubmitOut so, ssum = {0};
+    double wait = timeout;
+    int rc;
+    for (unsigned int done = 0;;) {
+        uint32_t notes = s->nnotes;
+        uint64_t dropped = s->notes_dropped;
+        rc = cycle_round(self, s, min_nr, wait, batch, &ro, &so, dl);
+        self->cycle_rounds++;
+        rsum.completed += ro.completed;
+        rsum.cancelled += ro.cancelled;
+        rsum.failed += ro.failed;
+        if (ro.last_errno) rsum.last_errno = ro.last_errno;
+        ssum.ok += so.ok;
+        ssum.rejected += so.rejected;
+        ssum.unsubmitted += so.unsubmitted;
+        if (so.last_errno) ssum.last_errno = so.last_errno;
+        if (rc < 0 || ++done == rounds) break;
+        if (!ro.completed || ro.cancelled || ro.failed || so.rejected || so.unsubmitted ||
+            s->nnotes != notes || s->notes_dropped != dropped || !self->in_flight)
+            break;
+        if (has_until) {
+            int64_t now = mono_ns();
+            if (now >= until) break;
+            double left = (double)(until - now) / 1e9;
+            wait = timeout < 0 || timeout > left ? left : timeout;
+        }
     }
-    release_held(s);
     self->busy = 0;
     if (rc < 0) { Py_XDECREF(dl); return NULL; }
     if (dl)
-        return Py_BuildValue("(KKKiKKKiN)", (unsigned long long)ro.completed,
-                             (unsigned long long)ro.cancelled, (unsigned long long)ro.failed,
-                             ro.last_errno, (unsigned long long)so.ok, (unsigned long long)so.rejected,
-                             (unsigned long long)so.unsubmitted, so.last_errno, dl);
-    return Py_BuildValue("(KKKiKKKi)", (unsigned long long)ro.completed,
-                         (unsigned long long)ro.cancelled, (unsigned long long)ro.failed,
-                         ro.last_errno, (unsigned long long)so.ok, (unsigned long long)so.rejected,
-                         (unsigned long long)so.unsubmitted, so.last_errno);
+        return Py_BuildValue("(KKKiKKKiN)", (unsigned long long)rsum.completed,
+                             (unsigned long long)rsum.cancelled, (unsigned long long)rsum.failed,
+                             rsum.last_errno, (unsigned long long)ssum.ok, (unsigned long long)ssum.rejected,
+                             (unsigned long long)ssum.unsubmitted, ssum.last_errno, dl);
+    return Py_BuildValue("(KKKiKKKi)", (unsigned long long)rsum.completed,
+                         (unsigned long long)rsum.cancelled, (unsigned long long)rsum.failed,
+                         rsum.last_errno, (unsigned long long)ssum.ok, (unsigned long long)ssum.rejected,
+                         (unsigned long long)ssum.unsubmitted, ssum.last_errno);
 }
 
 /* Ask the kernel to cancel one op. 1 started, 0 not cancellable, -1 error set. */
@@ -1300,6 +1366,10 @@ static PyObject *Ring_get_submit_calls(Ring *self, void *c) {
     return PyLong_FromUnsignedLongLong(self->submit_calls);
 }
 
+static PyObject *Ring_get_cycle_rounds(Ring *self, void *c) {
+    return PyLong_FromUnsignedLongLong(self->cycle_rounds);
+}
+
 static PyObject *Ring_get_reaped(Ring *self, void *c) {
     return Py_BuildValue("(KK)", (unsigned long long)self->user_reaped,
                          (unsigned long long)self->sys_reaped);
@@ -1312,9 +1382,11 @@ static PyMethodDef Ring_methods[] = {
      "reap(min_nr=0, timeout=0.0, max_nr=0, detail=False) -> (completed, cancelled, failed, "
      "last_errno[, detail])"},
     {"cycle", (PyCFunction)(void (*)(void))Ring_cycle, METH_VARARGS | METH_KEYWORDS,
-     "cycle(opset, min_nr=1, timeout=None, batch=None, detail=False) -> (completed, cancelled, "
-     "failed, reap_errno, submitted, rejected, unsubmitted, submit_errno[, reaped]); batch: ops per "
-     "io_submit, 0 all at once, None the engine's choice (DIRECT_BATCH for an O_DIRECT set, else all)"},
+     "cycle(opset, min_nr=1, timeout=None, batch=None, detail=False, rounds=1, until_ns=None) -> "
+     "(completed, cancelled, failed, reap_errno, submitted, rejected, unsubmitted, submit_errno"
+     "[, reaped]); batch: ops per io_submit, 0 all at once, None the engine's choice (DIRECT_BATCH "
+     "for an O_DIRECT set, else all); rounds: reap-and-resubmit rounds in this call (0: no limit), "
+     "while each reaps and completes without a note and time.monotonic_ns() < until_ns; the sums"},
     {"cancel", (PyCFunction)Ring_cancel, METH_VARARGS, "cancel(opset, index) -> bool"},
     {"inflight_ops", (PyCFunction)Ring_inflight_ops, METH_NOARGS,
      "inflight_ops() -> [(opset, index)]: the ops in flight, oldest first."},
@@ -1332,6 +1404,7 @@ static PyGetSetDef Ring_getset[] = {
     {"user_reap", (getter)Ring_get_user_reap, NULL, "reaping from the mapped ring", NULL},
     {"reaped", (getter)Ring_get_reaped, NULL, "(from the ring, from io_getevents)", NULL},
     {"submit_calls", (getter)Ring_get_submit_calls, NULL, "io_submit syscalls made", NULL},
+    {"cycle_rounds", (getter)Ring_get_cycle_rounds, NULL, "rounds of reap and resubmit cycle() ran", NULL},
     {NULL}
 };
 

@@ -203,14 +203,22 @@ class EngineContext:
         return r  # type: ignore[no-any-return]
 
     def cycle(self, opset: Any, min_nr: int = 1, timeout: float | None = None,
-              batch: int | None = None) -> tuple[int, ...]:
+              batch: int | None = None, rounds: int = 1,
+              until_ns: int | None = None) -> tuple[int, ...]:
         """Reap, then resubmit opset's ready ops: one engine call. See Ring.cycle.
 
         batch: ops per io_submit; 0 all at once; None lets the engine choose
-        (small io_submits for an O_DIRECT set, one for a buffered one)."""
-        r = self.ring.cycle(opset, min_nr, timeout, batch)
-        self._outcomes(r[0], r[1], r[2], r[3])
-        self._submitted(r[4], r[5], r[7])
+        (small io_submits for an O_DIRECT set, one for a buffered one).
+        rounds, until_ns: repeat reap and resubmit inside the call (rounds 0:
+        no limit) while nothing noteworthy happens and time.monotonic_ns() is
+        before until_ns. The record takes the call's sums in one update."""
+        r = self.ring.cycle(opset, min_nr, timeout, batch, False, rounds, until_ns)
+        completed, cancelled, failed, reap_err, ok, rejected, _unsubmitted, submit_err = r
+        if completed or cancelled or failed or ok or rejected:
+            # The errno of a refusal wins over that of a failed completion, as before.
+            err = (f"io_submit: {_strerror(submit_err)}" if rejected
+                   else _strerror(reap_err) if failed and reap_err else None)
+            self.record.add_cycle(ok, rejected, completed, cancelled, failed, err)
         return r  # type: ignore[no-any-return]
 
     # -- the rare paths: shutdown of this context

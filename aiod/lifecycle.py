@@ -133,6 +133,20 @@ class LifecycleRecord:
             if last_error is not None:
                 self.last_error = last_error
 
+    def add_cycle(self, submitted: int, rejected: int, completed: int, cancelled: int,
+                  failed: int, last_error: str | None = None) -> None:
+        """One engine cycle's sums in one lock hold: ops that finished with
+        these outcomes, ops that went in flight, and ops the kernel refused at
+        io_submit (submitted and failed at once)."""
+        with self.lock:
+            self.submitted += submitted + rejected
+            self.completed += completed
+            self.cancelled += cancelled
+            self.failed += failed + rejected
+            self.in_flight += submitted - completed - cancelled - failed
+            if last_error is not None:
+                self.last_error = last_error
+
     def add_rejected(self, n: int, last_error: str) -> None:
         """Ops the kernel refused at io_submit: submitted and failed at once."""
         with self.lock:
