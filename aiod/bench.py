@@ -253,9 +253,10 @@ def _loop(s: Settings, ledger: Ledger, rows: dict[str, int], ctxs: list[EngineCo
 # most ROUNDS_DEPTH in flight). At iodepth 1 a call per op cost 1.2x fio's CPU
 # per op, most of the difference the Python around each call; every 10 ms the
 # loop still sees the clock, Ctrl-C and progress. At iodepth 32 one call covers
-# many ops already, and the time between calls lets completions gather for one
-# io_getevents: there rounds in the engine measured no better (rows 1 and 4 of
-# benchmarks/run.py), so deeper runs keep one round per call.
+# many ops already: rounds there measured within the noise (an in-process A/B,
+# 3 x 5 s alternating, O_DIRECT randread / randwrite: median IOPS 0.99x / 0.92x,
+# CPU per op 0.97x / 0.94x; single runs vary 10-15 %), so deeper runs keep one
+# round per call, as measured before.
 STEP_NS = 10_000_000
 ROUNDS_DEPTH = 4
 
