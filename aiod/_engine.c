@@ -1198,7 +1198,8 @@ static PyObject *Ring_cycle(Ring *self, PyObject *args, PyObject *kw) {
     SubmitOut so, ssum = {0};
     double wait = timeout;
     int rc;
-    for (unsigned int done = 0;;) {
+    unsigned int done = 0;
+    for (;;) {
         uint32_t notes = s->nnotes;
         uint64_t dropped = s->notes_dropped;
         rc = cycle_round(self, s, min_nr, wait, batch, &ro, &so, dl);
@@ -1223,6 +1224,10 @@ static PyObject *Ring_cycle(Ring *self, PyObject *args, PyObject *kw) {
         }
     }
     self->busy = 0;
+    /* An error after whole rounds: the caller must still learn what those
+     * rounds moved (its record is kept from these sums), so they come back
+     * and the error is left for the next call, whose first round meets it. */
+    if (rc < 0 && done > 0) { PyErr_Clear(); rc = 0; }
     if (rc < 0) { Py_XDECREF(dl); return NULL; }
     if (dl)
         return Py_BuildValue("(KKKiKKKiN)", (unsigned long long)rsum.completed,
