@@ -10,7 +10,9 @@ ARGS   ?=
 
 .PHONY: install run lint test bench deb wheel clean
 
-$(STAMP): pyproject.toml deploy/debian-deps.sh
+# aiod/_engine.c too: the editable install builds the engine, and a test run
+# must never use an engine built from an older copy of the C.
+$(STAMP): pyproject.toml deploy/debian-deps.sh aiod/_engine.c
 	@sh deploy/debian-deps.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
