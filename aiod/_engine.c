@@ -287,7 +287,7 @@ static PyObject *fine_dict(const uint64_t *h) {
     return d;
 }
 
-/* fine(row) -> (clat {index: n}, lat {index: n}); indexes as aiod.bench.hist_index. */
+/* fine(row) -> (clat {index: n}, lat {index: n}); indexes as aiod.benchresult.hist_index. */
 static PyObject *Accounting_fine(Accounting *self, PyObject *arg) {
     Py_ssize_t i = PyLong_AsSsize_t(arg);
     if (i == -1 && PyErr_Occurred()) return NULL;

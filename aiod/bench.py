@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiod import aio
+from aiod import aio, benchresult
 from aiod.config import parse_duration, parse_size, physical_memory
 from aiod.engine import EngineContext, Ledger, require
 from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
@@ -45,40 +45,6 @@ RW_MODES = tuple(m.value for m in JobOp if m.moves_data)
 
 class BenchError(Exception):
     """A user mistake or an unusable target: one line, exit 2."""
-
-
-def hist_index(ns: int) -> int:
-    """Log-linear bucket of a latency in ns: exact below 128, then 64 per octave."""
-    if ns < 128:
-        return max(ns, 0)
-    shift = ns.bit_length() - 7
-    return (shift << 6) + (ns >> shift)
-
-
-def hist_value(idx: int) -> float:
-    """The middle of a bucket, in ns."""
-    if idx < 128:
-        return float(idx)
-    shift = (idx >> 6) - 1
-    m = idx - (shift << 6)
-    return ((m << shift) + ((m + 1) << shift) - 1) / 2
-
-
-def percentiles(hist: dict[int, int], points: tuple[float, ...]) -> dict[float, float]:
-    total = sum(hist.values())
-    out: dict[float, float] = {}
-    if total == 0:
-        return {p: 0.0 for p in points}
-    items = sorted(hist.items())
-    for p in points:
-        want = p / 100 * total
-        acc = 0
-        for idx, n in items:
-            acc += n
-            if acc >= want:
-                out[p] = hist_value(idx)
-                break
-    return out
 
 
 @dataclass
@@ -244,9 +210,9 @@ def _loop(s: Settings, ledger: Ledger, rows: dict[str, int], ctxs: list[EngineCo
     # Completions after the clock stopped are accounted, not counted in IOPS:
     # the histograms and bytes are read now, before the drain.
     nbytes = sum(d["bytes"] for d in ledger.raw().values())
-    clat, lat = _fine_histograms(ledger, rows)
+    clat, lat = benchresult.fine_histograms(ledger, rows)
     snap = _shut_down(ledger, ctxs)
-    return _result(s, elapsed, cpu, nbytes, clat, lat, snap, ledger)
+    return benchresult.result(s, elapsed, cpu, nbytes, clat, lat, snap, ledger)
 
 
 # How long one engine call may go on reaping and resubmitting (one context, at
@@ -331,19 +297,6 @@ def _show_progress(s: Settings, ios: int, elapsed: float) -> None:
     sys.stdout.flush()
 
 
-def _fine_histograms(ledger: Ledger, rows: dict[str, int]) -> tuple[dict[int, int], dict[int, int]]:
-    """(clat, lat): the engine's fine histograms of every row, added up."""
-    hist: dict[int, int] = {}
-    lhist: dict[int, int] = {}
-    for k in rows:
-        clat, lat = ledger.fine("bench", k)
-        for idx, n in clat.items():
-            hist[idx] = hist.get(idx, 0) + n
-        for idx, n in lat.items():
-            lhist[idx] = lhist.get(idx, 0) + n
-    return hist, lhist
-
-
 def _shut_down(ledger: Ledger, ctxs: list[EngineContext]) -> PoolSnapshot:
     """Drain, cancel and destroy as the daemon does; the pool's final snapshot."""
     deadline = time.monotonic() + 30.0
@@ -359,54 +312,6 @@ def _shut_down(ledger: Ledger, ctxs: list[EngineContext]) -> PoolSnapshot:
                         destroys=sum(r.state is ContextState.DESTROYED for r in records),
                         destroy_failures=sum(r.state is ContextState.FAILED for r in records),
                         setup_failures={}, oldest_in_flight_seconds=0.0)
-
-
-def _result(s: Settings, elapsed: float, cpu: float, nbytes: int, hist: dict[int, int],
-            lhist: dict[int, int], snap: PoolSnapshot, ledger: Ledger) -> dict[str, Any]:
-    errors = sum(st.failed_total for st in snap.stats)
-    pct = percentiles(hist, (50.0, 90.0, 99.0, 99.9))
-    lpct = percentiles(lhist, (50.0, 90.0, 99.0, 99.9))
-    ok = sum(hist.values())
-    by_stats = sum(st.submitted for st in snap.stats)
-    return {
-        "target": str(s.target), "rw": s.rw, "bs": s.bs, "iodepth": s.iodepth,
-        "direct": s.direct, "runtime_seconds": round(elapsed, 6),
-        "ios": ok, "errors": errors,
-        "iops": ok / elapsed if elapsed > 0 else 0.0,
-        "bw_bytes": nbytes / elapsed if elapsed > 0 else 0.0,
-        "cpu_seconds": round(cpu, 6),
-        "latency_ns": {"p50": pct[50.0], "p90": pct[90.0], "p99": pct[99.0],
-                       "p99_9": pct[99.9]},
-        "total_latency_ns": {"p50": lpct[50.0], "p90": lpct[90.0], "p99": lpct[99.0],
-                             "p99_9": lpct[99.9]},
-        "accounting": {**snap.totals(),
-                       "balanced": snap.balanced and by_stats == snap.submitted},
-        "latency_histogram": {"bounds_seconds": list(ledger.bounds),
-                              "buckets": [sum(st.buckets[i] for st in snap.stats)
-                                          for i in range(len(ledger.bounds) + 1)]},
-    }
-
-
-def _human(r: dict[str, Any]) -> str:
-    lat = r["latency_ns"]
-
-    def us(ns: float) -> str:
-        return f"{ns / 1000:.1f}us" if ns < 1e7 else f"{ns / 1e6:.2f}ms"
-
-    acct = r["accounting"]
-    return (f"aiod bench: {r['rw']} bs={r['bs']} iodepth={r['iodepth']} "
-            f"{'direct' if r['direct'] else 'buffered'} on {r['target']}\n"
-            f"  IOPS={r['iops']:.0f}, BW={r['bw_bytes'] / 2**20:.1f}MiB/s "
-            f"({r['ios']} ios in {r['runtime_seconds']:.2f}s, {r['errors']} errors)\n"
-            f"  clat percentiles: p50={us(lat['p50'])} p90={us(lat['p90'])} "
-            f"p99={us(lat['p99'])} p99.9={us(lat['p99_9'])}\n"
-            f"  lat (incl. io_submit): p50={us(r['total_latency_ns']['p50'])} "
-            f"p99={us(r['total_latency_ns']['p99'])}\n"
-            f"  cpu={r['cpu_seconds']:.2f}s "
-            f"({100 * r['cpu_seconds'] / max(r['runtime_seconds'], 1e-9):.0f}% of one core)\n"
-            f"  accounting: submitted {acct['submitted']} = completed {acct['completed']} + "
-            f"cancelled {acct['cancelled']} + failed {acct['failed']} + in flight "
-            f"{acct['in_flight']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -428,5 +333,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(_human(result))
+        print(benchresult.human(result))
     return EXIT_OK if result["errors"] == 0 else EXIT_FAILURE

@@ -13,7 +13,7 @@ import pytest
 
 from aiod import aio
 from aiod import bench as bench_mod
-from aiod.bench import hist_index, hist_value, percentiles
+from aiod.benchresult import hist_index, hist_value, percentiles
 from tests.daemon_harness import AIOD, ROOT
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))

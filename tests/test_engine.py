@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from aiod import aio
 from aiod.accounting import LATENCY_BUCKETS
-from aiod.bench import hist_index
+from aiod.benchresult import hist_index
 from aiod.engine import CANCELLED, COMPLETED, FAILED, EngineContext, Ledger, require
 from tests.conftest import live_contexts
 from tests.daemon_harness import ROOT
