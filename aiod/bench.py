@@ -38,6 +38,7 @@ from aiod.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_TEMPFAIL, EXIT_USAGE
 from aiod.lifecycle import ContextState
 from aiod.opkind import JobOp, OpKind
 from aiod.pool import PoolCapacityError, PoolError, PoolSnapshot
+from aiod.poolsetup import ContextSetup
 from aiod.targets import TargetError, open_target
 
 RW_MODES = tuple(m.value for m in JobOp if m.moves_data)
@@ -174,9 +175,13 @@ def _run(s: Settings, fd: int, usable: int, progress: bool) -> dict[str, Any]:
     ctxs: list[EngineContext] = []
     opsets = []
     try:
+        # The pool's own setup: the headroom check and io_setup's retries, whose
+        # errors name fs.aio-max-nr and the value it needs.
+        setup = ContextSetup("bench", per_ctx)
+        setup.check_headroom(s.contexts)
         for c in range(s.contexts):
             ctxs.append(EngineContext("bench", c, per_ctx, eventfd=efd,
-                                      user_reap=s.userspace_reap))
+                                      user_reap=s.userspace_reap, ctx=setup.make(efd)))
         # Each context gets its share of the iodepth, and for randrw a read and
         # a write op per slot, of which the engine picks one at random.
         left = s.iodepth

@@ -138,3 +138,26 @@ def test_bench_refuses_buffers_larger_than_memory_in_one_line(tmp_path: Path) ->
     assert line.startswith("aiod bench: --iodepth 65536 x --bs 1G x 2 (reads and writes) needs "
                            f"{2 * 65536 << 30} bytes of I/O buffers, more than this machine's")
     assert not (tmp_path / "x.dat").exists()
+
+
+def test_too_little_aio_headroom_is_one_line_naming_the_sysctl(tmp_path: Path) -> None:
+    """With fs.aio-max-nr nearly used up, the bench says which sysctl to raise
+    and to what, in one line, and exits 75; it creates no context."""
+    held: list[aio.Context] = []
+    try:
+        while True:  # take the host's AIO events until the kernel says no
+            try:
+                held.append(aio.Context(4096))
+            except aio.AioError:
+                break
+        nr, max_nr = aio.system_aio_usage()
+        depth = max(max_nr - nr, 0) + 1024  # more than is left
+        r = bench(f"--target={tmp_path / 'b.dat'}", "--size=8M", "--runtime=1s",
+                  f"--iodepth={depth}")
+    finally:
+        for ctx in held:
+            ctx.destroy()
+    assert r.returncode == 75, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aiod bench: "), r.stderr
+    assert "raise fs.aio-max-nr to at least" in lines[0], lines[0]
