@@ -117,10 +117,6 @@ class Ledger:
         return dict(clat), dict(lat)
 
 
-def _strerror(err: int) -> str:
-    return os.strerror(err)
-
-
 class EngineContext:
     """One kernel context on the engine, with its lifecycle record.
 
@@ -158,13 +154,13 @@ class EngineContext:
     def _outcomes(self, completed: int, cancelled: int, failed: int, err: int) -> None:
         if completed or cancelled or failed:
             self.record.add_outcomes(completed, cancelled, failed,
-                                     _strerror(err) if failed and err else None)
+                                     os.strerror(err) if failed and err else None)
 
     def _submitted(self, ok: int, rejected: int, err: int) -> None:
         if ok:
             self.record.add_submitted(ok)
         if rejected:
-            self.record.add_rejected(rejected, f"io_submit: {_strerror(err)}")
+            self.record.add_rejected(rejected, f"io_submit: {os.strerror(err)}")
 
     def submit(self, opset: Any, n: int, offsets: Any = None,
                indices: list[int] | None = None, batch: int = 0) -> tuple[int, int, int, int]:
@@ -216,8 +212,8 @@ class EngineContext:
         completed, cancelled, failed, reap_err, ok, rejected, _unsubmitted, submit_err = r
         if completed or cancelled or failed or ok or rejected:
             # The errno of a refusal wins over that of a failed completion, as before.
-            err = (f"io_submit: {_strerror(submit_err)}" if rejected
-                   else _strerror(reap_err) if failed and reap_err else None)
+            err = (f"io_submit: {os.strerror(submit_err)}" if rejected
+                   else os.strerror(reap_err) if failed and reap_err else None)
             self.record.add_cycle(ok, rejected, completed, cancelled, failed, err)
         return r  # type: ignore[no-any-return]
 
